@@ -1,0 +1,99 @@
+"""Lua scripts for state changes that must be atomic.
+
+Each touches only keys of one topic (one hash tag), so it also runs on a
+cluster. redis-py registers them once and runs them by SHA.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "DEAD_LETTER",
+    "DEAD_LETTER_FIELD_PREFIX",
+    "DELETE_IDLE_CONSUMER",
+    "REFRESH_LEASE",
+    "REPLAY",
+]
+
+DEAD_LETTER_FIELD_PREFIX: Final = "dlq:"
+
+# KEYS: stream, dead-letter stream. ARGV: group, entry id, then field/value pairs.
+# Ack and copy happen together or not at all; an entry that is no longer
+# pending (someone acknowledged it meanwhile) is not copied a second time.
+DEAD_LETTER: Final = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return false
+end
+return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+"""
+
+# KEYS: stream. ARGV: group, consumer, then entry ids.
+# Resets the idle time of the entries this consumer still owns, so that no
+# other consumer claims a message whose handler is still running. Entries
+# another consumer took over meanwhile are left to it and reported back.
+REFRESH_LEASE: Final = """
+local lost = {}
+local mine = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    mine[#mine + 1] = ARGV[i]
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+for i = 1, #mine, 500 do
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0,
+             unpack(mine, i, math.min(i + 499, #mine)), 'JUSTID')
+end
+return lost
+"""
+
+# KEYS: stream. ARGV: group, consumer, minimum idle ms.
+# Deletes a consumer only if it holds no pending entry and has been idle long
+# enough, checked and done in one step so that no entry it just read is lost.
+DELETE_IDLE_CONSUMER: Final = """
+local info = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+for _, c in ipairs(info) do
+  local name, pending, idle
+  for j = 1, #c, 2 do
+    if c[j] == 'name' then name = c[j + 1]
+    elseif c[j] == 'pending' then pending = c[j + 1]
+    elseif c[j] == 'idle' then idle = c[j + 1] end
+  end
+  if name == ARGV[2] then
+    if pending == 0 and idle >= tonumber(ARGV[3]) then
+      return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+    end
+    return -1
+  end
+end
+return -1
+"""
+
+# KEYS: stream, dead-letter stream. ARGV: dead-letter ids.
+# Writes each dead letter's original fields back to the stream as a new entry
+# and removes it from the dead-letter stream; returns the new ids (false for
+# ids that were not found).
+REPLAY: Final = """
+local out = {}
+for i = 1, #ARGV do
+  local found = redis.call('XRANGE', KEYS[2], ARGV[i], ARGV[i])
+  if found[1] then
+    local fields = found[1][2]
+    local original = {}
+    for j = 1, #fields, 2 do
+      if string.sub(fields[j], 1, 4) ~= 'dlq:' then
+        original[#original + 1] = fields[j]
+        original[#original + 1] = fields[j + 1]
+      end
+    end
+    out[i] = redis.call('XADD', KEYS[1], '*', unpack(original))
+    redis.call('XDEL', KEYS[2], ARGV[i])
+  else
+    out[i] = false
+  end
+end
+return out
+"""

@@ -1,0 +1,142 @@
+"""The wire format shared with goStream, encoded and decoded with msgspec.
+
+An entry has three fields: ``type`` (routing string), ``data`` (JSON text of
+the payload) and ``metadata`` (JSON object of string to string). goStream
+writes ``null`` for a missing map and may omit ``data`` or ``metadata``; both
+mean an empty object. Decoders are built once per model and reused on the
+hot path.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any, Final
+
+import msgspec
+
+from .errors import DecodeError, ValidationError
+from .message import Message
+
+__all__ = [
+    "EMPTY_OBJECT",
+    "FIELD_DATA",
+    "FIELD_METADATA",
+    "FIELD_TYPE",
+    "PayloadDecoder",
+    "decode_message",
+    "decode_type",
+    "encode_fields",
+    "is_init_entry",
+    "payload_decoder",
+]
+
+FIELD_TYPE: Final = b"type"
+FIELD_DATA: Final = b"data"
+FIELD_METADATA: Final = b"metadata"
+EMPTY_OBJECT: Final = b"{}"
+_NULL: Final = b"null"
+
+_encoder = msgspec.json.Encoder()
+_metadata_decoder = msgspec.json.Decoder(dict[str, str])
+
+Fields = Mapping[bytes, bytes]
+
+
+def encode_fields(
+    type: str, data: Any, metadata: Mapping[str, str] | None
+) -> tuple[str, str, str, bytes, str, bytes]:
+    """The flat field list of an XADD for one message."""
+    if metadata:
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"metadata must map str to str, got {key!r}: {type_name(value)}")
+        meta = _encoder.encode(metadata)
+    else:
+        meta = EMPTY_OBJECT
+    return ("type", type, "data", _encoder.encode(data), "metadata", meta)
+
+
+def type_name(value: object) -> str:
+    return type(value).__name__
+
+
+class PayloadDecoder:
+    """Decodes the ``data`` field, into plain JSON values or a model type."""
+
+    __slots__ = ("_decoder", "model")
+
+    def __init__(self, model: type[Any] | None) -> None:
+        self.model = model
+        self._decoder: msgspec.json.Decoder[Any] = (
+            msgspec.json.Decoder(model) if model is not None else msgspec.json.Decoder()
+        )
+
+    def decode(self, entry_id: str, raw: bytes | None) -> Any:
+        if raw is None or raw == _NULL:
+            raw = EMPTY_OBJECT
+        try:
+            return self._decoder.decode(raw)
+        except msgspec.ValidationError as exc:
+            raise ValidationError(
+                entry_id, f"field 'data' does not match {self.model!r}: {exc}"
+            ) from None
+        except msgspec.DecodeError as exc:
+            raise DecodeError(entry_id, f"field 'data' is not valid JSON: {exc}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def payload_decoder(model: type[Any] | None) -> PayloadDecoder:
+    """One shared decoder per model type."""
+    return PayloadDecoder(model)
+
+
+def is_init_entry(fields: Fields) -> bool:
+    """goStream's group-creation placeholder (``init`` = ``true``), not a message."""
+    return len(fields) == 1 and fields.get(b"init") == b"true"
+
+
+def decode_type(entry_id: str, fields: Fields) -> str:
+    """The routing type of an entry; raises :class:`DecodeError` when unusable."""
+    raw = fields.get(FIELD_TYPE)
+    if raw is None:
+        names = ", ".join(sorted(repr(k.decode(errors="replace")) for k in fields)) or "none"
+        raise DecodeError(entry_id, f"missing field 'type' (fields: {names})")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise DecodeError(entry_id, f"field 'type' is not UTF-8: {raw[:60]!r}") from None
+
+
+def decode_metadata(entry_id: str, raw: bytes | None) -> dict[str, str]:
+    if raw is None or raw == _NULL:
+        return {}
+    try:
+        return _metadata_decoder.decode(raw)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise DecodeError(
+            entry_id, f"field 'metadata' is not a JSON object of strings: {exc}"
+        ) from None
+
+
+def decode_message(
+    entry_id: str,
+    fields: Fields,
+    stream: str,
+    decoder: PayloadDecoder,
+    delivery_count: int = 1,
+    message_type: str | None = None,
+) -> Message[Any]:
+    """Turn a raw entry into a :class:`Message`, or raise :class:`DecodeError`."""
+    if message_type is None:
+        message_type = decode_type(entry_id, fields)
+    metadata = decode_metadata(entry_id, fields.get(FIELD_METADATA))
+    data = decoder.decode(entry_id, fields.get(FIELD_DATA))
+    return Message(
+        id=entry_id,
+        type=message_type,
+        data=data,
+        metadata=metadata,
+        stream=stream,
+        delivery_count=delivery_count,
+    )

@@ -1,0 +1,80 @@
+"""The Redis keys redcurrent owns for a topic.
+
+Every key shares the Redis Cluster slot of the stream key, so that scripts
+and transactions touching the stream and its companions (dead letters,
+stopped ids, locks) also run on a cluster. Redis hashes only the part between
+the first ``{`` and the next ``}`` when that part is non-empty, so the slot
+of a stream named ``a{b}c`` is the slot of ``b``. We derive the hash tag the
+same way; when the effective hashed part cannot be written inside braces
+(it contains ``}``), we use a short string that hashes to the same slot.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import string
+
+from redis.crc import key_slot
+
+__all__ = ["TopicKeys", "hash_tag"]
+
+_PREFIX = "redcurrent"
+
+
+def _hashed_part(name: str) -> str:
+    """The part of ``name`` Redis Cluster feeds to CRC16 (its rule, verbatim)."""
+    start = name.find("{")
+    if start != -1:
+        end = name.find("}", start + 1)
+        if end > start + 1:
+            return name[start + 1 : end]
+    return name
+
+
+@functools.lru_cache(maxsize=1)
+def _slot_aliases() -> dict[int, str]:
+    """A brace-free string for every one of the 16384 slots (built once, lazily)."""
+    table: dict[int, str] = {}
+    alphabet = string.ascii_letters + string.digits
+    for length in itertools.count(1):
+        for chars in itertools.product(alphabet, repeat=length):
+            candidate = "".join(chars)
+            table.setdefault(key_slot(candidate.encode()), candidate)
+        if len(table) == 16384:
+            return table
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def hash_tag(stream: str) -> str:
+    """A ``{tag}`` that puts a key in the same cluster slot as ``stream``."""
+    part = _hashed_part(stream)
+    if "}" not in part and "{" not in part:
+        return "{" + part + "}"
+    return "{" + _slot_aliases()[key_slot(stream.encode())] + "}"
+
+
+class TopicKeys:
+    """Names of every key and channel of one topic.
+
+    The full stream name follows the tag so that two streams whose names hash
+    alike (``orders`` and ``x{orders}``) never share a key.
+    """
+
+    __slots__ = ("cleanup_lock", "control_channel", "dead_letters", "stopped", "stream", "tag")
+
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
+        self.tag = hash_tag(stream)
+        base = f"{_PREFIX}:{self.tag}:{stream}"
+        self.dead_letters = f"{base}:dead"
+        self.stopped = f"{base}:stopped"
+        self.cleanup_lock = f"{base}:cleanup-lock"
+        self.control_channel = f"{base}:control"
+
+    def owned(self) -> tuple[str, ...]:
+        """Every key (not channel) the library may create for this topic, stream first."""
+        return (self.stream, self.dead_letters, self.stopped, self.cleanup_lock)
+
+    def __repr__(self) -> str:
+        return f"TopicKeys({self.stream!r})"

@@ -1,0 +1,126 @@
+"""The values users handle: messages, start positions, stop reasons, topic info."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+__all__ = [
+    "ConsumerStats",
+    "DeadLetter",
+    "GroupInfo",
+    "Message",
+    "StartFrom",
+    "StopReason",
+    "TopicInfo",
+]
+
+T = TypeVar("T")
+
+
+class Message(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
+    """One stream entry as a handler sees it.
+
+    ``data`` is the decoded JSON payload, or an instance of the handler's
+    ``model`` when one was given. ``delivery_count`` is 1 on the first
+    delivery and rises each time the entry is delivered again (after a
+    failure, a crash or a claim), so a handler can tell a retry.
+    """
+
+    id: str
+    type: str
+    data: T
+    metadata: dict[str, str]
+    stream: str
+    delivery_count: int = 1
+
+
+class StartFrom(str, enum.Enum):
+    """Where a new consumer group starts reading.
+
+    Only used when the group is created; an existing group keeps its
+    position. An explicit entry id may be given instead: delivery starts
+    *after* it, as goStream does.
+    """
+
+    LATEST = "$"
+    """Only entries added after the group was created (the default)."""
+    EARLIEST = "0"
+    """Every entry still in the stream."""
+
+
+class StopReason(str, enum.Enum):
+    """Why a consumer stopped."""
+
+    STOPPED = "stopped"
+    """Asked to stop (``stop()``, leaving ``async with``, cancellation)."""
+    TERMINATED = "terminated"
+    """The topic was terminated with :meth:`Topic.terminate`."""
+    DELETED = "deleted"
+    """The stream or the consumer group was deleted by someone."""
+    FAILED = "failed"
+    """An error the consumer cannot recover from; see ``consumer.error``."""
+
+
+class ConsumerStats(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of a consumer's counters since it started."""
+
+    received: int = 0
+    """Entries delivered to this consumer (read, recovered or claimed)."""
+    handled: int = 0
+    """Messages whose handler finished without error (acknowledged)."""
+    failed: int = 0
+    """Handler invocations that raised (the message stays pending)."""
+    claimed: int = 0
+    """Entries taken over from idle consumers with XAUTOCLAIM."""
+    dead_lettered: int = 0
+    """Entries moved to the dead-letter stream."""
+    in_flight: int = 0
+    """Messages held now: handlers running plus messages waiting in memory."""
+
+
+class GroupInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One consumer group of a topic."""
+
+    name: str
+    consumers: int
+    pending: int
+    lag: int | None
+    """Entries not yet delivered to the group; None when the server cannot tell."""
+    last_delivered_id: str
+
+
+class TopicInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The state of a topic, as :meth:`Topic.info` reads it."""
+
+    length: int
+    first_id: str | None
+    last_id: str | None
+    groups: list[GroupInfo]
+    stopped: list[str]
+    dead_letters: int
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """An entry moved to the topic's dead-letter stream, with the reason.
+
+    ``fields`` are the original entry's fields, byte for byte, so that a
+    replay writes back exactly what the producer wrote.
+    """
+
+    id: str
+    """The id of the dead letter in the dead-letter stream."""
+    original_id: str
+    type: str | None
+    data: Any
+    metadata: dict[str, str]
+    group: str
+    consumer: str
+    reason: str
+    error_type: str
+    delivery_count: int
+    failed_at: float
+    """Unix time in seconds."""
+    fields: dict[bytes, bytes]
