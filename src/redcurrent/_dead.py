@@ -76,14 +76,14 @@ def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
     raw_type = original.get(FIELD_TYPE)
     try:
         data: Any = _json.decode(original.get(FIELD_DATA) or b"{}")
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         data = original.get(FIELD_DATA)
     try:
         meta_raw = _json.decode(original.get(FIELD_METADATA) or b"{}")
         metadata = (
             {str(k): str(v) for k, v in meta_raw.items()} if isinstance(meta_raw, dict) else {}
         )
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         metadata = {}
     return DeadLetter(
         id=entry_id.decode(),

@@ -83,6 +83,8 @@ class PayloadDecoder:
             ) from None
         except msgspec.DecodeError as exc:
             raise DecodeError(entry_id, f"field 'data' is not valid JSON: {exc}") from None
+        except UnicodeDecodeError as exc:  # msgspec raises it for bad UTF-8 in strings
+            raise DecodeError(entry_id, f"field 'data' is not UTF-8: {exc}") from None
 
 
 @functools.lru_cache(maxsize=256)
@@ -117,6 +119,8 @@ def decode_metadata(entry_id: str, raw: bytes | None) -> dict[str, str]:
         raise DecodeError(
             entry_id, f"field 'metadata' is not a JSON object of strings: {exc}"
         ) from None
+    except UnicodeDecodeError as exc:  # msgspec raises it for bad UTF-8 in strings
+        raise DecodeError(entry_id, f"field 'metadata' is not UTF-8: {exc}") from None
 
 
 def decode_message(

@@ -1,0 +1,106 @@
+"""Batch handlers: accumulate messages per type across reads.
+
+A batch is handed to the workers when it holds ``size`` messages or when its
+oldest message has waited ``timeout`` seconds, whichever comes first. Entries
+from pending recovery and claims arrive through the same door, so they are
+batched like fresh ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import anyio
+import msgspec
+
+from ._routes import Route
+from .errors import ConfigurationError
+
+__all__ = ["Batch", "BatchConfig", "Batcher"]
+
+Item = tuple[bytes, dict[bytes, bytes], int]
+
+
+class BatchConfig(msgspec.Struct, frozen=True):
+    """Defaults for batch handlers that do not set their own.
+
+    ``size``: the most messages one call of a batch handler gets.
+    ``timeout``: how long, in seconds, the oldest message of an unfilled batch
+    may wait before the batch is handed over anyway.
+    """
+
+    size: int = 10
+    timeout: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ConfigurationError(f"BatchConfig.size must be >= 1, got {self.size}")
+        if not self.timeout > 0:
+            raise ConfigurationError(f"BatchConfig.timeout must be > 0, got {self.timeout}")
+
+
+class Batch:
+    __slots__ = ("items", "route")
+
+    def __init__(self, route: Route, items: list[Item]) -> None:
+        self.route = route
+        self.items = items
+
+
+class _Pending:
+    __slots__ = ("deadline", "items", "size")
+
+    def __init__(self, size: int, deadline: float) -> None:
+        self.items: list[Item] = []
+        self.size = size
+        self.deadline = deadline
+
+
+class Batcher:
+    """Per-route accumulators and the timer that flushes the stale ones."""
+
+    def __init__(self, default: BatchConfig, enqueue: Callable[[Batch], None]) -> None:
+        self.default = default
+        self._enqueue = enqueue
+        self._open: dict[Route, _Pending] = {}
+        self._changed = anyio.Event()
+
+    def size_of(self, route: Route) -> int:
+        return route.size or self.default.size
+
+    def add(self, route: Route, item: Item) -> None:
+        pending = self._open.get(route)
+        if pending is None:
+            timeout = route.timeout or self.default.timeout
+            pending = self._open[route] = _Pending(
+                self.size_of(route), anyio.current_time() + timeout
+            )
+            self._changed.set()
+        pending.items.append(item)
+        if len(pending.items) >= pending.size:
+            del self._open[route]
+            self._enqueue(Batch(route, pending.items))
+
+    def flush_all(self) -> None:
+        """Hand over every partial batch now (used when the consumer stops)."""
+        for route, pending in list(self._open.items()):
+            del self._open[route]
+            self._enqueue(Batch(route, pending.items))
+
+    def held(self) -> list[Item]:
+        return [item for pending in self._open.values() for item in pending.items]
+
+    async def run(self) -> None:
+        while True:
+            now = anyio.current_time()
+            next_deadline = math.inf
+            for route, pending in list(self._open.items()):
+                if pending.deadline <= now:
+                    del self._open[route]
+                    self._enqueue(Batch(route, pending.items))
+                else:
+                    next_deadline = min(next_deadline, pending.deadline)
+            self._changed = anyio.Event()
+            with anyio.move_on_after(next_deadline - now if next_deadline < math.inf else None):
+                await self._changed.wait()

@@ -1,0 +1,164 @@
+"""Getting back entries that were delivered but never finished.
+
+At start a consumer first re-reads its own pending entries (a restarted
+consumer of the same name finishes what it had). Then, periodically, it takes
+over entries that any consumer of the group left idle longer than
+``claim_idle`` (XAUTOCLAIM, cursor kept across calls). Live consumers are not
+robbed: they refresh the idle time of what they hold (see ``_lease.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from ._dispatch import Dispatcher
+from ._redis import AnyRedis, entries_of
+
+__all__ = ["Claimer", "delivery_counts", "recover_own_pending"]
+
+logger = logging.getLogger("redcurrent.consumer")
+
+Call = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+
+async def delivery_counts(
+    redis: AnyRedis, stream: str, group: str, consumer: str, ids: list[bytes], call: Call
+) -> dict[bytes, int]:
+    """Delivery counters from the group's PEL for entries this consumer just got."""
+    if not ids:
+        return {}
+    lo, hi = ids[0], ids[-1]
+    rows: list[dict[str, Any]] = await call(
+        "XPENDING",
+        lambda: redis.xpending_range(stream, group, lo, hi, len(ids) + 64, consumername=consumer),
+    )
+    return {row["message_id"]: int(row["times_delivered"]) for row in rows}
+
+
+async def recover_own_pending(
+    redis: AnyRedis,
+    stream: str,
+    group: str,
+    consumer: str,
+    dispatcher: Dispatcher,
+    call: Call,
+    count: int = 500,
+) -> int:
+    """Feed this consumer's own pending entries to the dispatcher; returns how many."""
+    last: bytes = b"0-0"
+    total = 0
+    while True:
+        free = await dispatcher.wait_for_space()
+        n = min(count, free)
+        reply = await call(
+            "XREADGROUP",
+            functools.partial(
+                redis.execute_command,
+                *("XREADGROUP", "GROUP", group, consumer, "COUNT", n, "STREAMS", stream, last),
+            ),
+        )
+        entries = entries_of(reply)
+        if not entries:
+            break
+        counts = await delivery_counts(
+            redis, stream, group, consumer, [e[0] for e in entries], call
+        )
+        dispatcher.submit(entries, counts)
+        total += len(entries)
+        last = entries[-1][0]
+    if total:
+        logger.info("consumer %s: recovered %d own pending entries of %s", consumer, total, stream)
+    return total
+
+
+class Claimer:
+    """The XAUTOCLAIM loop."""
+
+    def __init__(
+        self,
+        redis: AnyRedis,
+        stream: str,
+        group: str,
+        consumer: str,
+        dispatcher: Dispatcher,
+        call: Call,
+        *,
+        claim_idle: float,
+        interval: float,
+        count: int = 100,
+    ) -> None:
+        self._redis = redis
+        self._stream = stream
+        self._group = group
+        self._consumer = consumer
+        self._dispatcher = dispatcher
+        self._call = call
+        self._min_idle_ms = max(1, int(claim_idle * 1000))
+        self._interval = interval
+        self._count = count
+        self._cursor: bytes = b"0-0"
+
+    async def run(self) -> None:
+        while True:
+            await self.claim_once()
+            if self._cursor == b"0-0":
+                await anyio.sleep(self._interval)
+
+    async def claim_once(self) -> int:
+        """One XAUTOCLAIM step from the kept cursor; returns entries claimed."""
+        free = await self._dispatcher.wait_for_space()
+        n = min(self._count, free)
+        cursor = self._cursor
+        reply = await self._call(
+            "XAUTOCLAIM",
+            lambda: self._redis.execute_command(
+                "XAUTOCLAIM",
+                self._stream,
+                self._group,
+                self._consumer,
+                self._min_idle_ms,
+                cursor,
+                "COUNT",
+                n,
+            ),
+        )
+        self._cursor = reply[0]
+        entries = [(i, f if isinstance(f, dict) else {}) for i, f in (reply[1] or [])]
+        if len(reply) > 2 and reply[2]:
+            # Redis 7+: idle pending entries whose stream entry was deleted;
+            # the server already dropped them from the PEL.
+            logger.warning(
+                "%s/%s: %d pending entries were deleted from the stream before anyone "
+                "finished them; the server dropped them from the pending list: %s",
+                self._stream,
+                self._group,
+                len(reply[2]),
+                ", ".join(i.decode() for i in reply[2][:20]),
+            )
+        if not entries:
+            return 0
+        entries = [e for e in entries if e[0] not in self._dispatcher.held]
+        counts = await delivery_counts(
+            self._redis,
+            self._stream,
+            self._group,
+            self._consumer,
+            [e[0] for e in entries],
+            self._call,
+        )
+        self._dispatcher.counters.claimed += len(entries)
+        logger.info(
+            "%s/%s: consumer %s claimed %d idle entries (first %s)",
+            self._stream,
+            self._group,
+            self._consumer,
+            len(entries),
+            entries[0][0].decode() if entries else "-",
+        )
+        self._dispatcher.submit(entries, counts)
+        return len(entries)

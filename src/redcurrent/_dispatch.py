@@ -1,0 +1,353 @@
+"""From raw entries to handler calls: routing, the worker pool, outcomes.
+
+Entries wait in one deque; ``concurrency`` long-lived worker coroutines take
+them one at a time. Nothing is spawned, acquired or scoped per message: a
+worker's cancel scope lives across many messages and is replaced only when it
+is used to cancel one handler (a message stopped while it runs).
+
+The outcome of every message is decided here, in :meth:`Dispatcher._settle`
+and :meth:`Dispatcher._failed`: acknowledge, leave pending for a retry, or
+move to the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from ._batch import Batch, Batcher
+from ._dead import DeadLetterWriter
+from ._routes import Route, Router
+from .codec import FIELD_TYPE, decode_message, decode_type, is_init_entry
+from .errors import BatchError, DecodeError, NoHandlerError
+from .message import ConsumerStats, Message
+
+__all__ = ["Counters", "Dispatcher", "Item"]
+
+logger = logging.getLogger("redcurrent.consumer")
+
+#: raw entry id, fields, delivery count
+Item = tuple[bytes, dict[bytes, bytes], int]
+
+
+class Counters:
+    __slots__ = ("claimed", "dead_lettered", "failed", "handled", "received")
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.handled = 0
+        self.failed = 0
+        self.claimed = 0
+        self.dead_lettered = 0
+
+    def snapshot(self, in_flight: int) -> ConsumerStats:
+        return ConsumerStats(
+            received=self.received,
+            handled=self.handled,
+            failed=self.failed,
+            claimed=self.claimed,
+            dead_lettered=self.dead_lettered,
+            in_flight=in_flight,
+        )
+
+
+class _Slot:
+    """A worker's cancel scope and the message it is running right now."""
+
+    __slots__ = ("current", "scope", "stopped")
+
+    def __init__(self) -> None:
+        self.scope = anyio.CancelScope()
+        self.current: Any = None
+        self.stopped = False
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        stream: str,
+        router: Router,
+        ack: Callable[[bytes], None],
+        dead: DeadLetterWriter,
+        counters: Counters,
+        max_deliveries: int,
+        batcher: Batcher | None,
+        is_stopped: Callable[[str], bool],
+        prefetch: int,
+    ) -> None:
+        self.stream = stream
+        self.router = router
+        self._ack = ack
+        self._dead = dead
+        self.counters = counters
+        self.max_deliveries = max_deliveries
+        self.batcher = batcher
+        self.is_stopped = is_stopped
+        self.prefetch = prefetch
+        self.queue: deque[Item | Batch] = deque()
+        #: every entry this consumer holds and has not settled: leased.
+        self.held: set[bytes] = set()
+        #: held entries another consumer took over (lease lost): skip them.
+        self.lost: set[bytes] = set()
+        #: stopped messages held aside until resumed.
+        self.parked: dict[bytes, Item] = {}
+        self.closing = False
+        self._work = anyio.Event()
+        self._space = anyio.Event()
+        self._space_wanted = False
+        self._slots: list[_Slot] = []
+        self._batch_types: dict[bytes, Route] = {
+            t.encode(): r for t, r in router.routes.items() if r.batch
+        }
+
+    # -- intake -----------------------------------------------------------
+    def submit(
+        self,
+        entries: list[tuple[bytes, dict[bytes, bytes]]],
+        counts: dict[bytes, int] | None = None,
+    ) -> None:
+        held = self.held
+        queue = self.queue
+        batch_types = self._batch_types
+        for raw_id, fields in entries:
+            if raw_id in held:
+                continue  # already ours (a claim of an entry we still hold)
+            held.add(raw_id)
+            item: Item = (raw_id, fields, counts.get(raw_id, 1) if counts else 1)
+            if batch_types:
+                route = batch_types.get(fields.get(FIELD_TYPE, b""))
+                if route is not None and self.batcher is not None:
+                    if self.is_stopped(raw_id.decode()):
+                        self.parked[raw_id] = item
+                    else:
+                        self.batcher.add(route, item)
+                    continue
+            queue.append(item)
+        self.counters.received += len(entries)
+        self._work.set()
+
+    def enqueue_batch(self, batch: Batch) -> None:
+        self.queue.append(batch)
+        self._work.set()
+
+    async def wait_for_space(self) -> int:
+        """How many more entries may be taken; waits while the buffer is full."""
+        while (free := self.prefetch - len(self.held)) <= 0:
+            self._space_wanted = True
+            await self._space.wait()
+            self._space = anyio.Event()
+        return free
+
+    def _release(self, raw_id: bytes) -> None:
+        held = self.held
+        held.discard(raw_id)
+        if self._space_wanted and len(held) <= self.prefetch // 2:
+            self._space_wanted = False
+            self._space.set()
+
+    def close(self) -> None:
+        """Stop starting messages; workers exit after the one they run."""
+        self.closing = True
+        self._work.set()
+
+    # -- control ------------------------------------------------------------
+    def stop_running(self, entry_id: str) -> bool:
+        """Cancel the handler running ``entry_id``, if any; it stays pending."""
+        raw = entry_id.encode()
+        for slot in self._slots:
+            current = slot.current
+            if current is None:
+                continue
+            ids = [current[0]] if isinstance(current, tuple) else [i[0] for i in current.items]
+            if raw in ids:
+                slot.stopped = True
+                slot.scope.cancel()
+                return True
+        return False
+
+    def resume(self, entry_id: str) -> None:
+        item = self.parked.pop(entry_id.encode(), None)
+        if item is not None:
+            self.queue.appendleft(item)
+            self._work.set()
+
+    # -- workers ------------------------------------------------------------
+    async def worker(self) -> None:
+        slot = _Slot()
+        self._slots.append(slot)
+        try:
+            while True:
+                with slot.scope:
+                    await self._work_loop(slot)
+                    return
+                # The scope was cancelled to stop the message in hand.
+                current, slot.current = slot.current, None
+                if current is not None and slot.stopped:
+                    self._park(current)
+                slot.scope = anyio.CancelScope()
+                slot.stopped = False
+        finally:
+            self._slots.remove(slot)
+
+    def _park(self, current: Item | Batch) -> None:
+        items = [current] if isinstance(current, tuple) else current.items
+        for item in items:
+            logger.info("message %s stopped while running; kept pending", item[0].decode())
+            self.parked[item[0]] = item
+
+    async def _work_loop(self, slot: _Slot) -> None:
+        queue = self.queue
+        while True:
+            if not queue or self.closing:
+                if self.closing:
+                    return
+                if self._work.is_set():
+                    # Every waiter waits on the same event: replace it only once.
+                    self._work = anyio.Event()
+                    continue
+                await self._work.wait()
+                continue
+            item = queue.popleft()
+            slot.current = item
+            if isinstance(item, tuple):
+                await self._one(item)
+            else:
+                await self._batch(item)
+            slot.current = None
+
+    async def _one(self, item: Item) -> None:
+        raw_id, fields, count = item
+        if self.lost and raw_id in self.lost:
+            self.lost.discard(raw_id)
+            return
+        entry_id = raw_id.decode()
+        if self.is_stopped(entry_id):
+            self.parked[raw_id] = item
+            return
+        if not fields:
+            logger.warning(
+                "entry %s was deleted from the stream while pending; acknowledging", entry_id
+            )
+            self._settle(raw_id)
+            return
+        if is_init_entry(fields):
+            self._settle(raw_id)  # goStream's group-creation placeholder
+            return
+        try:
+            message_type = decode_type(entry_id, fields)
+            route = self.router.get(message_type)
+            if route is None:
+                raise NoHandlerError(entry_id, message_type)
+            if count > self.max_deliveries:
+                await self._bury(item, *self._too_many(count))
+                return
+            msg = decode_message(entry_id, fields, self.stream, route.decoder, count, message_type)
+        except (DecodeError, NoHandlerError) as exc:
+            logger.error("%s; moving it to the dead letters", exc)
+            await self._bury(item, str(exc), type(exc).__name__)
+            return
+        try:
+            await route.fn(msg)
+        except Exception as exc:
+            await self._failed(item, exc, route)
+        else:
+            self.counters.handled += 1
+            self._settle(raw_id)
+
+    def _too_many(self, count: int) -> tuple[str, str]:
+        return (
+            f"delivered {count} times, more than max_deliveries={self.max_deliveries}",
+            "MaxDeliveriesExceeded",
+        )
+
+    def _settle(self, raw_id: bytes) -> None:
+        self._ack(raw_id)
+        self._release(raw_id)
+
+    async def _failed(self, item: Item, exc: Exception, route: Route) -> None:
+        """The one place that decides between a later retry and a dead letter."""
+        raw_id, _, count = item
+        self.counters.failed += 1
+        if count >= self.max_deliveries:
+            logger.error(
+                "handler %s failed on message %s (delivery %d of %d): %s: %s; "
+                "moving it to the dead letters",
+                route.name,
+                raw_id.decode(),
+                count,
+                self.max_deliveries,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
+            await self._bury(item, f"{type(exc).__name__}: {exc}", type(exc).__name__)
+        else:
+            logger.warning(
+                "handler %s failed on message %s (delivery %d of %d): %s: %s; "
+                "it stays pending for a retry",
+                route.name,
+                raw_id.decode(),
+                count,
+                self.max_deliveries,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
+            self._release(raw_id)
+
+    async def _bury(self, item: Item, reason: str, error_type: str) -> None:
+        raw_id, fields, count = item
+        moved = await self._dead.move(
+            raw_id.decode(), fields, reason=reason, error_type=error_type, delivery_count=count
+        )
+        if moved:
+            self.counters.dead_lettered += 1
+        self._release(raw_id)
+
+    async def _batch(self, batch: Batch) -> None:
+        route = batch.route
+        ready: list[Item] = []
+        messages: list[Message[Any]] = []
+        for item in batch.items:
+            raw_id, fields, count = item
+            if self.lost and raw_id in self.lost:
+                self.lost.discard(raw_id)
+                continue
+            entry_id = raw_id.decode()
+            if self.is_stopped(entry_id):
+                self.parked[raw_id] = item
+                continue
+            if count > self.max_deliveries:
+                await self._bury(item, *self._too_many(count))
+                continue
+            try:
+                messages.append(decode_message(entry_id, fields, self.stream, route.decoder, count))
+            except DecodeError as exc:
+                logger.error("%s; moving it to the dead letters", exc)
+                await self._bury(item, str(exc), type(exc).__name__)
+                continue
+            ready.append(item)
+        if not ready:
+            return
+        try:
+            await route.fn(messages)
+        except BatchError as exc:
+            failed = exc.failed_ids
+            for item in ready:
+                if item[0].decode() in failed:
+                    await self._failed(item, exc, route)
+                else:
+                    self.counters.handled += 1
+                    self._settle(item[0])
+        except Exception as exc:
+            for item in ready:
+                await self._failed(item, exc, route)
+        else:
+            self.counters.handled += len(ready)
+            for item in ready:
+                self._settle(item[0])
