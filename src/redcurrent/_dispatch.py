@@ -113,22 +113,34 @@ class Dispatcher:
     ) -> None:
         held = self.held
         queue = self.queue
-        batch_types = self._batch_types
+        batched = self._batch_types and self.batcher is not None
+        fresh = 0
         for raw_id, fields in entries:
             if raw_id in held:
                 continue  # already ours (a claim of an entry we still hold)
             held.add(raw_id)
+            fresh += 1
             item: Item = (raw_id, fields, counts.get(raw_id, 1) if counts else 1)
-            if batch_types:
-                route = batch_types.get(fields.get(FIELD_TYPE, b""))
-                if route is not None and self.batcher is not None:
-                    if self.is_stopped(raw_id.decode()):
-                        self.parked[raw_id] = item
-                    else:
-                        self.batcher.add(route, item)
-                    continue
-            queue.append(item)
-        self.counters.received += len(entries)
+            if batched:
+                self._route(item)
+            else:
+                queue.append(item)
+        self.counters.received += fresh
+        self._work.set()
+
+    def _route(self, item: Item, *, front: bool = False) -> None:
+        """Queue one held item, or add it to its batch; stopped ones are parked."""
+        route = self._batch_types.get(item[1].get(FIELD_TYPE, b"")) if self.batcher else None
+        if route is None:
+            if front:
+                self.queue.appendleft(item)
+            else:
+                self.queue.append(item)
+        elif self.is_stopped(item[0].decode()):
+            self.parked[item[0]] = item  # stopped messages never enter a batch
+        else:
+            assert self.batcher is not None
+            self.batcher.add(route, item)
         self._work.set()
 
     def enqueue_batch(self, batch: Batch) -> None:
@@ -172,9 +184,8 @@ class Dispatcher:
 
     def resume(self, entry_id: str) -> None:
         item = self.parked.pop(entry_id.encode(), None)
-        if item is not None:
-            self.queue.appendleft(item)
-            self._work.set()
+        if item is not None and not self.closing:
+            self._route(item, front=True)
 
     # -- workers ------------------------------------------------------------
     async def worker(self) -> None:
@@ -195,10 +206,15 @@ class Dispatcher:
             self._slots.remove(slot)
 
     def _park(self, current: Item | Batch) -> None:
+        """After cancelling a handler for a stop: keep the stopped message(s)
+        aside; the other messages of a cancelled batch go round again."""
         items = [current] if isinstance(current, tuple) else current.items
         for item in items:
-            logger.info("message %s stopped while running; kept pending", item[0].decode())
-            self.parked[item[0]] = item
+            if self.is_stopped(item[0].decode()):
+                logger.info("message %s stopped while running; kept pending", item[0].decode())
+                self.parked[item[0]] = item
+            else:
+                self._route(item, front=True)
 
     async def _work_loop(self, slot: _Slot) -> None:
         queue = self.queue

