@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from ._batch import BatchConfig
+from ._routes import BatchHandlerObject, HandlerObject
 from ._version import __version__
+from .cleanup import CleanupPolicy
+from .consumer import StreamConsumer
 from .errors import (
     BatchError,
     ConfigurationError,
@@ -26,18 +30,23 @@ from .message import (
 from .topic import Topic
 
 __all__ = [
+    "BatchConfig",
     "BatchError",
+    "BatchHandlerObject",
+    "CleanupPolicy",
     "ConfigurationError",
     "ConsumerStateError",
     "ConsumerStats",
     "DeadLetter",
     "DecodeError",
     "GroupInfo",
+    "HandlerObject",
     "Message",
     "NoHandlerError",
     "RedcurrentError",
     "StartFrom",
     "StopReason",
+    "StreamConsumer",
     "Topic",
     "TopicGoneError",
     "TopicInfo",

@@ -163,7 +163,7 @@ class Dispatcher:
             self._space.set()
 
     def close(self) -> None:
-        """Stop starting messages; workers exit after the one they run."""
+        """No more intake: workers finish what is already in memory, then exit."""
         self.closing = True
         self._work.set()
 
@@ -219,9 +219,9 @@ class Dispatcher:
     async def _work_loop(self, slot: _Slot) -> None:
         queue = self.queue
         while True:
-            if not queue or self.closing:
+            if not queue:
                 if self.closing:
-                    return
+                    return  # drained: what was in memory when the stop came is done
                 if self._work.is_set():
                     # Every waiter waits on the same event: replace it only once.
                     self._work = anyio.Event()
