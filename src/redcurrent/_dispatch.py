@@ -312,7 +312,7 @@ class Dispatcher:
                 self.max_deliveries,
                 type(exc).__name__,
                 exc,
-                exc_info=exc,
+                exc_info=exc if count == 1 else None,  # the traceback once, not per retry
             )
             self._release(raw_id)
 
