@@ -1,0 +1,363 @@
+"""Stopping single messages, terminating a topic, and hearing about both.
+
+State lives in keys (the stopped-id set); pub/sub only makes changes act at
+once. A :class:`ControlListener` therefore subscribes *before* it reads the
+set, so nothing changed between the two is lost, and it re-reads the set
+periodically and after every reconnect, so a consumer that missed a
+notification (pub/sub is fire-and-forget) still converges.
+
+Notifications on ``TopicKeys.control_channel`` are plain text:
+``stop <id>``, ``resume <id>`` and ``terminate``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import anyio.abc
+from redis import exceptions as rex
+from redis.asyncio.cluster import RedisCluster
+
+from ._errors import Fault, classify
+from ._redis import AnyRedis, as_str
+from .errors import ConfigurationError
+from .keys import TopicKeys
+
+if TYPE_CHECKING:
+    from .topic import Topic
+
+__all__ = [
+    "ControlListener",
+    "normalize_id",
+    "resume_message",
+    "stop_message",
+    "terminate",
+]
+
+logger = logging.getLogger("redcurrent.control")
+
+_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_U64_MAX: Final = 2**64 - 1
+
+# KEYS: stopped set. ARGV: channel, "stop"|"resume", entry id.
+# State and announcement together: a listener that sees the message also
+# finds the state, and no announcement goes out for a change that failed.
+_SET_STOPPED: Final = """
+if ARGV[2] == 'stop' then
+  redis.call('SADD', KEYS[1], ARGV[3])
+else
+  redis.call('SREM', KEYS[1], ARGV[3])
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
+return 1
+"""
+
+# KEYS: every owned key of the topic. ARGV: channel.
+# The announcement goes first so that consumers can hear "terminate" before
+# (or as) their blocked XREADGROUP fails, and both happen atomically.
+_TERMINATE: Final = """
+redis.call('PUBLISH', ARGV[1], 'terminate')
+return redis.call('DEL', unpack(KEYS))
+"""
+
+_BACKOFF_BASE: Final = 0.05
+_BACKOFF_CAP: Final = 5.0
+_SUBSCRIBE_TIMEOUT: Final = 10.0
+_CLOSE_TIMEOUT: Final = 2.0
+_WAKE_INTERVAL: Final = 1.0
+
+
+def normalize_id(entry_id: str) -> str:
+    """The canonical form of a stream entry id, as the server writes it.
+
+    Stopped ids are compared as strings with ids read from the stream, so
+    ``"0017-0"`` must become ``"17-0"`` or it would never match.
+    """
+    if not isinstance(entry_id, str):
+        raise ConfigurationError(
+            f"a message id must be a str like '1700000000000-0', got {entry_id!r}"
+        )
+    match = _ID.fullmatch(entry_id.strip())
+    if match is None:
+        raise ConfigurationError(
+            f"not a stream entry id: {entry_id!r} (expected '<milliseconds>-<sequence>')"
+        )
+    ms, seq = int(match[1]), int(match[2])
+    if ms > _U64_MAX or seq > _U64_MAX:
+        raise ConfigurationError(f"stream entry id out of range: {entry_id!r}")
+    return f"{ms}-{seq}"
+
+
+async def _set_stopped(topic: Topic, action: str, entry_id: str) -> None:
+    keys = topic.keys
+    script = topic.redis.register_script(_SET_STOPPED)
+    await script(keys=[keys.stopped], args=[keys.control_channel, action, entry_id])
+
+
+async def stop_message(topic: Topic, entry_id: str) -> None:
+    """Record the id in the topic's stopped set and announce it, atomically.
+
+    The id need not exist yet; it is honoured whenever an entry with that id
+    is delivered, until :func:`resume_message`.
+    """
+    await _set_stopped(topic, "stop", normalize_id(entry_id))
+
+
+async def resume_message(topic: Topic, entry_id: str) -> None:
+    """Remove the id from the stopped set and announce it, atomically."""
+    await _set_stopped(topic, "resume", normalize_id(entry_id))
+
+
+async def terminate(topic: Topic) -> None:
+    """Announce ``terminate``, then delete the stream and every owned key, atomically.
+
+    Deleting the stream destroys its consumer groups. Consumers learn about
+    it from the ``terminate`` notification on the control channel (a
+    :class:`ControlListener`); one that missed it (disconnected at that
+    moment, or on a client without pub/sub) still stops, because its next
+    stream command fails with ``NOGROUP`` or its blocked XREADGROUP with
+    ``UNBLOCKED``. Without the notification it cannot tell a termination
+    from a deletion, and reports ``DELETED``.
+
+    The topic can be used again afterwards: publishing re-creates the stream.
+    """
+    keys = topic.keys
+    script = topic.redis.register_script(_TERMINATE)
+    await script(keys=list(keys.owned()), args=[keys.control_channel])
+
+
+class ControlListener:
+    """A consumer's live view of the topic's stopped ids and of its termination.
+
+    Run :meth:`run` in a task group with ``await tg.start(listener.run)``: it
+    returns once the stopped set is loaded (and keeps waiting while Redis is
+    unreachable, so wrap it in a timeout if the caller must not wait). After
+    that :meth:`is_stopped` answers from memory.
+
+    Callbacks are plain functions called from the listener's task; they must
+    not block and should not raise (an exception ends :meth:`run`). They fire
+    only on a *change* after the initial load: ``on_stop``/``on_resume`` once
+    the local set is updated, ``on_terminate`` once.
+
+    Cost while idle: one blocking read on a dedicated pub/sub connection and
+    one SMEMBERS per ``resync_interval``.
+
+    On a cluster client without pub/sub support (redis-py before async
+    ``RedisCluster.pubsub``), it polls the set every ``resync_interval``
+    instead: stop/resume then act within that interval, and a termination is
+    noticed only through the stream errors (so it looks like a deletion).
+    """
+
+    def __init__(
+        self,
+        redis: AnyRedis,
+        keys: TopicKeys,
+        *,
+        on_stop: Callable[[str], None],
+        on_resume: Callable[[str], None],
+        on_terminate: Callable[[], None],
+        resync_interval: float = 5.0,
+    ) -> None:
+        if not resync_interval > 0:
+            raise ConfigurationError(f"resync_interval must be > 0, got {resync_interval!r}")
+        self._redis = redis
+        self._keys = keys
+        self._on_stop = on_stop
+        self._on_resume = on_resume
+        self._on_terminate = on_terminate
+        self._interval = float(resync_interval)
+        self._stopped: set[str] = set()
+        self._loaded = False
+        self._terminated = False
+        self._terminated_event = anyio.Event()
+        self._reconnected = False
+
+    def is_stopped(self, entry_id: str) -> bool:
+        return entry_id in self._stopped
+
+    @property
+    def stopped(self) -> frozenset[str]:
+        return frozenset(self._stopped)
+
+    @property
+    def terminated(self) -> bool:
+        return self._terminated
+
+    async def wait_terminated(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """True if a terminate notification arrived, or arrives within ``timeout``.
+
+        A consumer whose stream command failed with ``NOGROUP``/``UNBLOCKED``
+        asks this to tell TERMINATED from DELETED: the notification travels on
+        another connection and may be a moment behind the error.
+        """
+        if self._terminated:
+            return True
+        with anyio.move_on_after(timeout):
+            await self._terminated_event.wait()
+        return self._terminated
+
+    # -- the loop ---------------------------------------------------------
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen until cancelled, or until the topic is terminated.
+
+        Connection faults never escape: it reconnects with capped, jittered
+        exponential backoff and re-reads the set once back. Errors that a
+        retry cannot fix (permissions, a wrong key type) do escape.
+        """
+        started = False
+        failures = 0
+        outage_since: float | None = None
+        while not self._terminated:
+            try:
+                factory = getattr(self._redis, "pubsub", None)
+                if factory is None:
+                    await self._resync()
+                else:
+                    if isinstance(self._redis, RedisCluster):
+                        # ClusterPubSub routes by slot but does not load the
+                        # slot table itself; a fresh client has none yet.
+                        await self._redis.initialize()
+                    pubsub = factory()
+                    try:
+                        await self._subscribe(pubsub)
+                        await self._resync()
+                        if not started:
+                            started = True
+                            task_status.started()
+                        self._recovered(outage_since)
+                        outage_since, failures = None, 0
+                        await self._listen(pubsub)
+                    finally:
+                        await self._close(pubsub)
+                    continue
+                # Polling: no notifications to wait for, only the set.
+                if not started:
+                    started = True
+                    task_status.started()
+                self._recovered(outage_since)
+                outage_since, failures = None, 0
+                await anyio.sleep(self._interval)
+            except (rex.RedisError, OSError, TimeoutError) as exc:
+                if classify(exc) is not Fault.TRANSIENT:
+                    raise
+                if outage_since is None:
+                    outage_since = anyio.current_time()
+                    logger.warning(
+                        "control channel of stream %r unavailable, retrying: %s: %s",
+                        self._keys.stream,
+                        type(exc).__name__,
+                        exc,
+                    )
+                else:
+                    logger.debug(
+                        "control channel still unavailable: %s: %s", type(exc).__name__, exc
+                    )
+                await anyio.sleep(_backoff(failures))
+                failures += 1
+
+    def _recovered(self, outage_since: float | None) -> None:
+        if outage_since is not None:
+            logger.info(
+                "control channel of stream %r back after %.1fs",
+                self._keys.stream,
+                anyio.current_time() - outage_since,
+            )
+
+    async def _subscribe(self, pubsub: Any) -> None:
+        """Subscribe and wait for the server's confirmation.
+
+        Only once the server has confirmed is every later change certain to
+        reach us; reading the set before that could miss one in between.
+        """
+        await pubsub.subscribe(self._keys.control_channel)
+        with anyio.fail_after(_SUBSCRIBE_TIMEOUT):
+            while True:
+                message = await pubsub.get_message(timeout=_SUBSCRIBE_TIMEOUT)
+                if message is not None and as_str(message["type"]) == "subscribe":
+                    break
+        # redis-py reconnects and resubscribes silently inside get_message when
+        # its retry policy allows; messages sent meanwhile are lost, so we want
+        # to re-read the set when that happens. The connection keeps a weak
+        # reference to this bound method.
+        connection = getattr(pubsub, "connection", None)
+        register = getattr(connection, "register_connect_callback", None)
+        if register is not None:
+            register(self._note_reconnect)
+
+    def _note_reconnect(self, _connection: Any) -> None:
+        self._reconnected = True
+
+    async def _listen(self, pubsub: Any) -> None:
+        next_resync = anyio.current_time() + self._interval
+        while not self._terminated:
+            remaining = next_resync - anyio.current_time()
+            if remaining <= 0 or self._reconnected:
+                self._reconnected = False
+                await self._resync()
+                next_resync = anyio.current_time() + self._interval
+                continue
+            # The read timeout costs no command; capping it bounds how long a
+            # silent reconnect inside redis-py goes without a resync.
+            message = await pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=min(remaining, _WAKE_INTERVAL)
+            )
+            if message is not None and as_str(message["type"]) == "message":
+                data = message["data"]
+                self._handle(data.decode(errors="replace") if isinstance(data, bytes) else data)
+
+    def _handle(self, text: str) -> None:
+        action, _, entry_id = text.partition(" ")
+        if action == "stop" and entry_id:
+            if entry_id not in self._stopped:
+                self._stopped.add(entry_id)
+                self._on_stop(entry_id)
+        elif action == "resume" and entry_id:
+            if entry_id in self._stopped:
+                self._stopped.discard(entry_id)
+                self._on_resume(entry_id)
+        elif action == "terminate":
+            if not self._terminated:
+                self._terminated = True
+                self._terminated_event.set()
+                self._on_terminate()
+        else:
+            logger.debug("ignoring unknown control message %r", text)
+
+    async def _resync(self) -> None:
+        """Replace the local set with the stored one, announcing the differences."""
+        members: Iterable[bytes | str] = await self._redis.smembers(self._keys.stopped)
+        fresh = {as_str(m) for m in members}
+        if self._terminated:
+            return
+        if not self._loaded:
+            self._stopped = fresh
+            self._loaded = True
+            return
+        added = fresh - self._stopped
+        removed = self._stopped - fresh
+        self._stopped = fresh
+        for entry_id in sorted(removed):
+            self._on_resume(entry_id)
+        for entry_id in sorted(added):
+            self._on_stop(entry_id)
+
+    async def _close(self, pubsub: Any) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_TIMEOUT):
+            try:
+                await pubsub.aclose()
+            except (rex.RedisError, OSError) as exc:
+                logger.debug("closing the control subscription failed: %r", exc)
+
+
+def _backoff(failures: int) -> float:
+    """Capped exponential delay with equal jitter, so that many consumers that
+    lost the same server do not all come back in the same instant."""
+    ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * float(2 ** min(failures, 16)))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
