@@ -9,6 +9,7 @@ script that skips entries someone else took over meanwhile.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -55,16 +56,25 @@ class LeaseKeeper:
             await self.refresh()
 
     async def refresh(self) -> None:
-        held = list(self._dispatcher.held)
+        """Renew the lease of everything held."""
+        await self._set_idle(list(self._dispatcher.held), 0)
+
+    async def hand_back(self, idle: float) -> None:
+        """On stop: make what is still held claimable by others at once."""
+        await self._set_idle(list(self._dispatcher.held), int(idle * 1000))
+
+    async def _set_idle(self, held: list[bytes], idle_ms: int) -> None:
         for start in range(0, len(held), CHUNK):
             chunk = held[start : start + CHUNK]
             lost: list[bytes] = await self._call(
                 "lease refresh",
-                lambda chunk=chunk: self._script(  # type: ignore[misc]
-                    keys=[self._stream], args=[self._group, self._consumer, *chunk]
+                functools.partial(
+                    self._script,
+                    keys=[self._stream],
+                    args=[self._group, self._consumer, idle_ms, *chunk],
                 ),
             )
-            if lost:
+            if lost and idle_ms == 0:
                 self._lose(lost)
 
     def _lose(self, lost: list[bytes]) -> None:

@@ -28,14 +28,15 @@ end
 return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
 """
 
-# KEYS: stream. ARGV: group, consumer, then entry ids.
-# Resets the idle time of the entries this consumer still owns, so that no
-# other consumer claims a message whose handler is still running. Entries
+# KEYS: stream. ARGV: group, consumer, idle ms, then entry ids.
+# Sets the idle time of the entries this consumer still owns: 0 renews the
+# lease so that no other consumer claims a message whose handler still runs;
+# claim_idle hands them back so that others may claim them at once. Entries
 # another consumer took over meanwhile are left to it and reported back.
 REFRESH_LEASE: Final = """
 local lost = {}
 local mine = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
   if p[1] and p[1][2] == ARGV[2] then
     mine[#mine + 1] = ARGV[i]
@@ -45,7 +46,7 @@ for i = 3, #ARGV do
 end
 for i = 1, #mine, 500 do
   redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0,
-             unpack(mine, i, math.min(i + 499, #mine)), 'JUSTID')
+             unpack(mine, i, math.min(i + 499, #mine)), 'IDLE', ARGV[3], 'JUSTID')
 end
 return lost
 """

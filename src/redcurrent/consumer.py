@@ -381,7 +381,7 @@ class StreamConsumer:
                         for _ in range(self.concurrency):
                             work.start_soon(self._guard, dispatcher.worker)
                         work.start_soon(self._feed, dispatcher)
-                await self._final_flush(acker)
+                await self._final_flush(acker, lease)
                 self._services = None
                 services.cancel_scope.cancel()
         finally:
@@ -426,10 +426,14 @@ class StreamConsumer:
                 feeders.start_soon(self._guard, claimer.run)
                 feeders.start_soon(self._guard, reader.run)
 
-    async def _final_flush(self, acker: Acker) -> None:
+    async def _final_flush(self, acker: Acker, lease: LeaseKeeper) -> None:
+        """Send the last acks, then hand back what was never finished so that
+        other consumers need not wait ``claim_idle`` for it."""
         with anyio.CancelScope(shield=True), anyio.move_on_after(max(1.0, self.shutdown_timeout)):
             try:
                 await acker.flush()
+                if self._stop_reason is StopReason.STOPPED and self._dispatcher is not None:
+                    await lease.hand_back(self.claim_idle)
             except Exception as exc:
                 if acker.waiting:
                     logger.warning(
