@@ -1,0 +1,116 @@
+"""The same library on a three-node Redis Cluster: every key of a topic in one slot."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import pytest
+import redis
+from redis.asyncio.cluster import RedisCluster
+
+from redcurrent import CleanupPolicy, Message, StartFrom, StopReason, StreamConsumer, Topic
+from redcurrent.testing import RedisServer, find_redis_server
+
+FAST: dict[str, Any] = {"claim_idle": 0.5, "block": 0.3, "shutdown_timeout": 1.0}
+
+
+@pytest.fixture(scope="module")
+def cluster_url() -> Iterator[str]:
+    binary = find_redis_server()
+    cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+    if binary is None or not shutil.which(cli):
+        pytest.skip("needs redis-server and redis-cli to build a local cluster")
+    args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+    servers = [RedisServer(binary, extra_args=args) for _ in range(3)]
+    try:
+        for server in servers:
+            server.start()
+        nodes = [f"127.0.0.1:{s.port}" for s in servers]
+        subprocess.run(
+            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 15
+        for server in servers:
+            client = redis.Redis(port=server.port)
+            while client.cluster("INFO").get("cluster_state") != "ok":
+                if time.monotonic() > deadline:
+                    pytest.fail("local cluster did not become ready")
+                time.sleep(0.05)
+            client.close()
+        yield servers[0].url
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+async def cluster(cluster_url: str) -> AsyncIterator[RedisCluster]:
+    client = RedisCluster.from_url(cluster_url)
+    await client.initialize()
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+async def until(predicate: Any, timeout: float = 5.0) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.parametrize("stream", ["orders", "app{tenant-7}:orders"])
+async def test_consume_dead_letter_and_replay_on_a_cluster(
+    cluster: RedisCluster, stream: str
+) -> None:
+    topic = Topic(cluster, stream)
+    ids = await topic.publish_many([("job", {"n": n}) for n in range(20)] + [("junk", {})])
+    seen: list[str] = []
+    consumer = StreamConsumer(cluster, stream, "g", start=StartFrom.EARLIEST, **FAST)
+
+    @consumer.handler("job")
+    async def job(msg: Message[Any]) -> None:
+        seen.append(msg.id)
+
+    async with consumer:
+        await until(lambda: len(seen) == 20 and consumer.stats.dead_lettered == 1)
+    assert sorted(seen) == sorted(ids[:20])
+    letters = await topic.dead_letters()
+    assert [d.original_id for d in letters] == [ids[20]]
+    assert len(await topic.replay_dead_letters()) == 1
+    assert (await topic.info()).length == 22
+
+
+async def test_stop_resume_cleanup_and_terminate_on_a_cluster(cluster: RedisCluster) -> None:
+    topic = Topic(cluster, "orders")
+    first = await topic.publish("job", {})
+    await topic.stop_message(first)
+    seen: list[str] = []
+    consumer = StreamConsumer(cluster, "orders", "g", start=StartFrom.EARLIEST, **FAST)
+
+    @consumer.handler("job")
+    async def job(msg: Message[Any]) -> None:
+        seen.append(msg.id)
+
+    async with consumer:
+        second = await topic.publish("job", {})
+        await until(lambda: second in seen)
+        assert first not in seen
+        await topic.resume_message(first)
+        await until(lambda: first in seen, timeout=8.0)
+        await until(lambda: consumer.stats.handled == 2)
+        await anyio.sleep(0.05)  # let the coalesced acks reach the server
+        removed = await topic.cleanup(CleanupPolicy(min_retention=0))
+        assert removed == 2
+        await topic.terminate()
+        with anyio.fail_after(2):
+            reason = await consumer.done()
+    assert reason in (StopReason.TERMINATED, StopReason.DELETED)
+    assert await cluster.exists(*topic.keys.owned()) == 0
