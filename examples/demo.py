@@ -39,9 +39,10 @@ def step(title: str) -> None:
     print(f"\n== {title}")
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
+async def until(predicate: Callable[[], bool], limit: float = 10.0) -> None:
+    """Poll a condition the demo is waiting for (a real app would await an event)."""
+    with anyio.fail_after(limit):
+        while not predicate():  # noqa: ASYNC110
             await anyio.sleep(0.02)
 
 
@@ -140,9 +141,8 @@ async def competing_consumers_and_crash_recovery(r: aredis.Redis) -> None:
     a, b = make("worker-a"), make("worker-b")
     async with a, b:
         await until(lambda: sum(done.values()) == 30)
-    print(
-        f"  handled per consumer: {done}; claimed from the dead: {a.stats.claimed + b.stats.claimed}"
-    )
+    claimed = a.stats.claimed + b.stats.claimed
+    print(f"  handled per consumer: {done}; claimed from the dead: {claimed}")
 
 
 async def stop_and_resume(r: aredis.Redis) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -10,16 +9,11 @@ import msgspec
 import pytest
 import redis.asyncio as aredis
 
+from helpers import wait_until as until
 from redcurrent import BatchConfig, BatchError, Message, StartFrom, StreamConsumer, Topic
 from redcurrent.errors import ConfigurationError
 
 FAST: dict[str, Any] = {"claim_idle": 0.4, "block": 0.2, "shutdown_timeout": 1.0}
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.01)
 
 
 def consumer_for(redis_client: aredis.Redis, **kwargs: Any) -> StreamConsumer:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -13,10 +15,31 @@ import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster
 
+from helpers import wait_until as until
 from redcurrent import CleanupPolicy, Message, StartFrom, StopReason, StreamConsumer, Topic
 from redcurrent.testing import RedisServer, find_redis_server
 
 FAST: dict[str, Any] = {"claim_idle": 0.5, "block": 0.3, "shutdown_timeout": 1.0}
+
+
+def _cluster_ports(count: int) -> list[int]:
+    """Free ports whose cluster bus port (+10000) is free too, below 55536."""
+    found: list[int] = []
+    for port in random.sample(range(20000, 45000), 400):
+        if all(_free(p) for p in (port, port + 10000)):
+            found.append(port)
+            if len(found) == count:
+                return found
+    pytest.skip("no free ports for a local cluster")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +49,8 @@ def cluster_url() -> Iterator[str]:
     if binary is None or not shutil.which(cli):
         pytest.skip("needs redis-server and redis-cli to build a local cluster")
     args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
-    servers = [RedisServer(binary, extra_args=args) for _ in range(3)]
+    ports = _cluster_ports(3)
+    servers = [RedisServer(binary, port=port, extra_args=args) for port in ports]
     try:
         for server in servers:
             server.start()
@@ -58,12 +82,6 @@ async def cluster(cluster_url: str) -> AsyncIterator[RedisCluster]:
     await client.flushall()
     yield client
     await client.aclose()
-
-
-async def until(predicate: Any, timeout: float = 5.0) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.01)
 
 
 @pytest.mark.parametrize("stream", ["orders", "app{tenant-7}:orders"])

@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import pytest
 import redis.asyncio as aredis
 
+from helpers import wait_until as until
 from redcurrent import Message, StartFrom, StopReason, Topic
 from redcurrent.consumer import StreamConsumer
 
 FAST: dict[str, Any] = {"claim_idle": 0.5, "block": 0.2, "shutdown_timeout": 1.0}
-
-
-async def until(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 5.0) -> None:
-    with anyio.fail_after(timeout):
-        while True:
-            result = predicate()
-            if not isinstance(result, bool):
-                result = await result
-            if result:
-                return
-            await anyio.sleep(0.01)
 
 
 def recording(consumer: StreamConsumer, seen: list[str], kind: str = "job") -> None:
@@ -113,7 +102,9 @@ async def test_stop_holds_across_a_consumer_restart(redis_client: aredis.Redis) 
         assert stopped_id not in seen
     # Another process resumes it while nobody runs; the next start handles it.
     await topic.resume_message(stopped_id)
-    consumer = StreamConsumer(redis_client, "ctl", "g", "worker-2", start=StartFrom.EARLIEST, **FAST)
+    consumer = StreamConsumer(
+        redis_client, "ctl", "g", "worker-2", start=StartFrom.EARLIEST, **FAST
+    )
     recording(consumer, seen)
     async with consumer:
         await until(lambda: stopped_id in seen, timeout=5.0)
