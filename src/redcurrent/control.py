@@ -13,7 +13,6 @@ Notifications on ``TopicKeys.control_channel`` are plain text:
 from __future__ import annotations
 
 import logging
-import random
 import re
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
@@ -23,6 +22,7 @@ import anyio.abc
 from redis import exceptions as rex
 from redis.asyncio.cluster import RedisCluster
 
+from ._backoff import Backoff, Outage
 from ._errors import Fault, classify
 from ._redis import AnyRedis, as_str
 from .errors import ConfigurationError
@@ -212,8 +212,8 @@ class ControlListener:
         retry cannot fix (permissions, a wrong key type) do escape.
         """
         started = False
-        failures = 0
-        outage_since: float | None = None
+        backoff = Backoff(_BACKOFF_BASE, _BACKOFF_CAP)
+        outage = Outage(logger, f"control channel of stream {self._keys.stream!r}")
         while not self._terminated:
             try:
                 factory = getattr(self._redis, "pubsub", None)
@@ -231,8 +231,8 @@ class ControlListener:
                         if not started:
                             started = True
                             task_status.started()
-                        self._recovered(outage_since)
-                        outage_since, failures = None, 0
+                        outage.recovered()
+                        backoff.reset()
                         await self._listen(pubsub)
                     finally:
                         await self._close(pubsub)
@@ -241,34 +241,14 @@ class ControlListener:
                 if not started:
                     started = True
                     task_status.started()
-                self._recovered(outage_since)
-                outage_since, failures = None, 0
+                outage.recovered()
+                backoff.reset()
                 await anyio.sleep(self._interval)
             except (rex.RedisError, OSError, TimeoutError) as exc:
                 if classify(exc) is not Fault.TRANSIENT:
                     raise
-                if outage_since is None:
-                    outage_since = anyio.current_time()
-                    logger.warning(
-                        "control channel of stream %r unavailable, retrying: %s: %s",
-                        self._keys.stream,
-                        type(exc).__name__,
-                        exc,
-                    )
-                else:
-                    logger.debug(
-                        "control channel still unavailable: %s: %s", type(exc).__name__, exc
-                    )
-                await anyio.sleep(_backoff(failures))
-                failures += 1
-
-    def _recovered(self, outage_since: float | None) -> None:
-        if outage_since is not None:
-            logger.info(
-                "control channel of stream %r back after %.1fs",
-                self._keys.stream,
-                anyio.current_time() - outage_since,
-            )
+                outage.failed(exc, "subscribe/resync")
+                await backoff.sleep()
 
     async def _subscribe(self, pubsub: Any) -> None:
         """Subscribe and wait for the server's confirmation.
@@ -354,10 +334,3 @@ class ControlListener:
                 await pubsub.aclose()
             except (rex.RedisError, OSError) as exc:
                 logger.debug("closing the control subscription failed: %r", exc)
-
-
-def _backoff(failures: int) -> float:
-    """Capped exponential delay with equal jitter, so that many consumers that
-    lost the same server do not all come back in the same instant."""
-    ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * float(2 ** min(failures, 16)))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
