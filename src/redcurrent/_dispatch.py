@@ -237,35 +237,10 @@ class Dispatcher:
             slot.current = None
 
     async def _one(self, item: Item) -> None:
-        raw_id, fields, count = item
-        if self.lost and raw_id in self.lost:
-            self.lost.discard(raw_id)
-            return
-        entry_id = raw_id.decode()
-        if self.is_stopped(entry_id):
-            self.parked[raw_id] = item
-            return
-        if not fields:
-            logger.warning(
-                "entry %s was deleted from the stream while pending; acknowledging", entry_id
-            )
-            self._settle(raw_id)
-            return
-        if is_init_entry(fields):
-            self._settle(raw_id)  # goStream's group-creation placeholder
-            return
-        try:
-            message_type = decode_type(entry_id, fields)
-            route = self.router.get(message_type)
-            if route is None:
-                raise NoHandlerError(entry_id, message_type)
-            if count > self.max_deliveries:
-                await self._bury(item, *self._too_many(count))
-                return
-            msg = decode_message(entry_id, fields, self.stream, route.decoder, count, message_type)
-        except (DecodeError, NoHandlerError) as exc:
-            logger.error("%s; moving it to the dead letters", exc)
-            await self._bury(item, str(exc), type(exc).__name__)
+        msg, route, grave = self._screen(item, None)
+        if msg is None or route is None:
+            if grave is not None:
+                await self._bury(item, *grave)
             return
         try:
             await route.fn(msg)
@@ -273,13 +248,50 @@ class Dispatcher:
             await self._failed(item, exc, route)
         else:
             self.counters.handled += 1
-            self._settle(raw_id)
+            self._settle(item[0])
 
-    def _too_many(self, count: int) -> tuple[str, str]:
-        return (
-            f"delivered {count} times, more than max_deliveries={self.max_deliveries}",
-            "MaxDeliveriesExceeded",
-        )
+    def _screen(
+        self, item: Item, route: Route | None
+    ) -> tuple[Message[Any] | None, Route | None, tuple[str, str] | None]:
+        """Everything that happens before a handler may see a message.
+
+        Returns the decoded message and its route; or no message when the entry
+        was settled here (lost to another consumer, stopped and parked, deleted
+        from the stream, a goStream placeholder), with the reason and error
+        type when it must become a dead letter. Synchronous, so the hot path
+        pays for no extra await.
+        """
+        raw_id, fields, count = item
+        if self.lost and raw_id in self.lost:
+            self.lost.discard(raw_id)
+            return None, None, None
+        entry_id = raw_id.decode()
+        if self.is_stopped(entry_id):
+            self.parked[raw_id] = item
+            return None, None, None
+        if not fields:
+            logger.warning(
+                "entry %s was deleted from the stream while pending; acknowledging", entry_id
+            )
+            self._settle(raw_id)
+            return None, None, None
+        if is_init_entry(fields):
+            self._settle(raw_id)  # goStream's group-creation placeholder
+            return None, None, None
+        try:
+            message_type = decode_type(entry_id, fields)
+            route = route or self.router.get(message_type)
+            if route is None:
+                raise NoHandlerError(entry_id, message_type)
+            if count > self.max_deliveries:
+                reason = f"delivered {count} times, more than max_deliveries={self.max_deliveries}"
+                logger.error("message %s %s; moving it to the dead letters", entry_id, reason)
+                return None, None, (reason, "MaxDeliveriesExceeded")
+            msg = decode_message(entry_id, fields, self.stream, route.decoder, count, message_type)
+        except (DecodeError, NoHandlerError) as exc:
+            logger.error("%s; moving it to the dead letters", exc)
+            return None, None, (str(exc), type(exc).__name__)
+        return msg, route, None
 
     def _settle(self, raw_id: bytes) -> None:
         self._ack(raw_id)
@@ -330,23 +342,12 @@ class Dispatcher:
         ready: list[Item] = []
         messages: list[Message[Any]] = []
         for item in batch.items:
-            raw_id, fields, count = item
-            if self.lost and raw_id in self.lost:
-                self.lost.discard(raw_id)
+            msg, _, grave = self._screen(item, route)
+            if msg is None:
+                if grave is not None:
+                    await self._bury(item, *grave)
                 continue
-            entry_id = raw_id.decode()
-            if self.is_stopped(entry_id):
-                self.parked[raw_id] = item
-                continue
-            if count > self.max_deliveries:
-                await self._bury(item, *self._too_many(count))
-                continue
-            try:
-                messages.append(decode_message(entry_id, fields, self.stream, route.decoder, count))
-            except DecodeError as exc:
-                logger.error("%s; moving it to the dead letters", exc)
-                await self._bury(item, str(exc), type(exc).__name__)
-                continue
+            messages.append(msg)
             ready.append(item)
         if not ready:
             return

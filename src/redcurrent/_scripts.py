@@ -76,7 +76,7 @@ return -1
 # KEYS: stream, dead-letter stream. ARGV: dead-letter ids.
 # Writes each dead letter's original fields back to the stream as a new entry
 # and removes it from the dead-letter stream; returns the new ids (false for
-# ids that were not found).
+# ids that were not found or hold no original fields, which stay put).
 REPLAY: Final = """
 local out = {}
 for i = 1, #ARGV do
@@ -90,8 +90,12 @@ for i = 1, #ARGV do
         original[#original + 1] = fields[j + 1]
       end
     end
-    out[i] = redis.call('XADD', KEYS[1], '*', unpack(original))
-    redis.call('XDEL', KEYS[2], ARGV[i])
+    if #original > 0 then
+      out[i] = redis.call('XADD', KEYS[1], '*', unpack(original))
+      redis.call('XDEL', KEYS[2], ARGV[i])
+    else
+      out[i] = false  -- nothing to put back: the entry was gone before it died
+    end
   else
     out[i] = false
   end

@@ -26,7 +26,9 @@ __all__ = [
     "PayloadDecoder",
     "decode_message",
     "decode_type",
+    "encode_data",
     "encode_fields",
+    "encode_metadata",
     "is_init_entry",
     "payload_decoder",
 ]
@@ -43,18 +45,25 @@ _metadata_decoder = msgspec.json.Decoder(dict[str, str])
 Fields = Mapping[bytes, bytes]
 
 
+#: The JSON text of a payload (``data`` field); raises TypeError if unencodable.
+encode_data: Final = _encoder.encode
+
+
+def encode_metadata(metadata: Mapping[str, str] | None) -> bytes:
+    """The JSON text of the ``metadata`` field; raises TypeError unless str to str."""
+    if not metadata:
+        return EMPTY_OBJECT
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata must map str to str, got {key!r}: {type_name(value)}")
+    return _encoder.encode(metadata)
+
+
 def encode_fields(
     type: str, data: Any, metadata: Mapping[str, str] | None
 ) -> tuple[str, str, str, bytes, str, bytes]:
     """The flat field list of an XADD for one message."""
-    if metadata:
-        for key, value in metadata.items():
-            if not isinstance(key, str) or not isinstance(value, str):
-                raise TypeError(f"metadata must map str to str, got {key!r}: {type_name(value)}")
-        meta = _encoder.encode(metadata)
-    else:
-        meta = EMPTY_OBJECT
-    return ("type", type, "data", _encoder.encode(data), "metadata", meta)
+    return ("type", type, "data", _encoder.encode(data), "metadata", encode_metadata(metadata))
 
 
 def type_name(value: object) -> str:

@@ -1,0 +1,266 @@
+"""Dead letters: the atomic ack-and-copy script, reading them back, replaying them."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import redis.asyncio
+
+from redcurrent import DeadLetter, Topic
+from redcurrent._dead import DeadLetterWriter
+from redcurrent.codec import decode_message, payload_decoder
+
+STREAM = "orders"
+GROUP = "workers"
+CONSUMER = "worker-1"
+
+
+async def pending_entries(
+    client: redis.asyncio.Redis, topic: Topic, count: int = 100
+) -> list[tuple[str, dict[bytes, bytes]]]:
+    """Create the group from the start and read everything as CONSUMER (now pending)."""
+    try:
+        await client.xgroup_create(topic.name, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+    reply = await client.xreadgroup(GROUP, CONSUMER, {topic.name: ">"}, count=count)
+    if not reply:
+        return []
+    return [(entry_id.decode(), fields) for entry_id, fields in reply[0][1]]
+
+
+async def pending_ids(client: redis.asyncio.Redis) -> list[str]:
+    reply = await client.xpending_range(STREAM, GROUP, min="-", max="+", count=1000)
+    return [p["message_id"].decode() for p in reply]
+
+
+@pytest.fixture
+def topic(redis_client: redis.asyncio.Redis) -> Topic:
+    return Topic(redis_client, STREAM)
+
+
+@pytest.fixture
+def writer(redis_client: redis.asyncio.Redis, topic: Topic) -> DeadLetterWriter:
+    return DeadLetterWriter(redis_client, topic.keys, GROUP, CONSUMER)
+
+
+async def test_move_acks_and_copies(
+    redis_client: redis.asyncio.Redis, topic: Topic, writer: DeadLetterWriter
+) -> None:
+    kept = await topic.publish("email", {"to": "a"})
+    failing = await topic.publish("email", {"to": "Zoë <x>"}, metadata={"retry": "3"})
+    [(_, _), (entry_id, fields)] = await pending_entries(redis_client, topic)
+    assert entry_id == failing
+    before = time.time()
+
+    moved = await writer.move(
+        entry_id, fields, reason="handler raised: boom", error_type="RuntimeError", delivery_count=4
+    )
+
+    assert moved is True
+    assert await pending_ids(redis_client) == [kept]
+    # The original stays in the stream (other groups may still need it).
+    assert await redis_client.xlen(STREAM) == 2
+    letters = await topic.dead_letters()
+    assert len(letters) == 1
+    letter = letters[0]
+    assert isinstance(letter, DeadLetter)
+    assert letter.original_id == failing
+    assert letter.fields == fields  # byte for byte, nothing added
+    assert letter.fields == {
+        b"type": b"email",
+        b"data": '{"to":"Zoë <x>"}'.encode(),
+        b"metadata": b'{"retry":"3"}',
+    }
+    assert letter.type == "email"
+    assert letter.data == {"to": "Zoë <x>"}
+    assert letter.metadata == {"retry": "3"}
+    assert letter.group == GROUP
+    assert letter.consumer == CONSUMER
+    assert letter.reason == "handler raised: boom"
+    assert letter.error_type == "RuntimeError"
+    assert letter.delivery_count == 4
+    assert before - 1 <= letter.failed_at <= time.time() + 1
+    raw = await redis_client.xrange(topic.keys.dead_letters)
+    assert raw[0][0].decode() == letter.id
+    assert raw[0][1][b"dlq:stream"] == STREAM.encode()
+
+
+async def test_move_of_an_acked_entry_writes_nothing(
+    redis_client: redis.asyncio.Redis, topic: Topic, writer: DeadLetterWriter
+) -> None:
+    await topic.publish("email", {"to": "a"})
+    [(entry_id, fields)] = await pending_entries(redis_client, topic)
+    assert await redis_client.xack(STREAM, GROUP, entry_id) == 1
+
+    moved = await writer.move(entry_id, fields, reason="late", error_type="X", delivery_count=1)
+
+    assert moved is False
+    assert await redis_client.exists(topic.keys.dead_letters) == 0
+    assert await topic.dead_letters() == []
+
+
+async def test_move_twice_copies_once(
+    redis_client: redis.asyncio.Redis, topic: Topic, redis_url: str
+) -> None:
+    await topic.publish("email", {"to": "a"})
+    [(entry_id, fields)] = await pending_entries(redis_client, topic)
+    other = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        first = DeadLetterWriter(redis_client, topic.keys, GROUP, CONSUMER)
+        second = DeadLetterWriter(other, topic.keys, GROUP, "worker-2")
+        results = [
+            await first.move(entry_id, fields, reason="a", error_type="A", delivery_count=2),
+            await second.move(entry_id, fields, reason="b", error_type="B", delivery_count=2),
+        ]
+    finally:
+        await other.aclose()
+    assert results == [True, False]
+    assert len(await topic.dead_letters()) == 1
+
+
+async def test_move_with_a_gone_group_writes_nothing(
+    redis_client: redis.asyncio.Redis, topic: Topic, writer: DeadLetterWriter
+) -> None:
+    await topic.publish("email", {})
+    [(entry_id, fields)] = await pending_entries(redis_client, topic)
+    await redis_client.xgroup_destroy(STREAM, GROUP)
+    # XACK on a missing group answers 0: nothing is pending there any more.
+    assert not await writer.move(entry_id, fields, reason="r", error_type="E", delivery_count=1)
+    assert await redis_client.exists(topic.keys.dead_letters) == 0
+
+
+async def dead_letter_all(
+    redis_client: redis.asyncio.Redis, topic: Topic, writer: DeadLetterWriter
+) -> list[tuple[str, dict[bytes, bytes]]]:
+    entries = await pending_entries(redis_client, topic)
+    for n, (entry_id, fields) in enumerate(entries):
+        assert await writer.move(
+            entry_id, fields, reason=f"reason {n}", error_type="E", delivery_count=n + 1
+        )
+    return entries
+
+
+async def test_replay_puts_originals_back(
+    redis_client: redis.asyncio.Redis, topic: Topic, writer: DeadLetterWriter
+) -> None:
+    published = await topic.publish_many([("email", {"n": n}, {"m": str(n)}) for n in range(3)])
+    entries = await dead_letter_all(redis_client, topic, writer)
+    assert [e[0] for e in entries] == published
+    assert len(await topic.dead_letters()) == 3
+
+    new_ids = await topic.replay_dead_letters()
+
+    assert len(new_ids) == 3
+    assert not set(new_ids) & set(published)
+    assert await topic.dead_letters() == []
+    assert await redis_client.xlen(topic.keys.dead_letters) == 0
+    tail = await redis_client.xrange(STREAM, min=new_ids[0])
+    assert [i.decode() for i, _ in tail] == new_ids
+    assert [f for _, f in tail] == [f for _, f in entries]
+    # The group sees them as new messages.
+    again = await pending_entries(redis_client, topic)
+    assert [i for i, _ in again] == new_ids
+    decoded = [decode_message(i, f, STREAM, payload_decoder(None)) for i, f in again]
+    assert [(m.type, m.data, m.metadata) for m in decoded] == [
+        ("email", {"n": n}, {"m": str(n)}) for n in range(3)
+    ]
+
+
+async def test_replay_chosen_ids_only(
+    redis_client: redis.asyncio.Redis, topic: Topic, writer: DeadLetterWriter
+) -> None:
+    await topic.publish_many([("t", {"n": n}) for n in range(4)])
+    await dead_letter_all(redis_client, topic, writer)
+    letters = await topic.dead_letters()
+    chosen = [letters[1].id, letters[3].id]
+
+    new_ids = await topic.replay_dead_letters(chosen)
+
+    assert len(new_ids) == 2
+    left = await topic.dead_letters()
+    assert [letter.id for letter in left] == [letters[0].id, letters[2].id]
+    replayed = await redis_client.xrange(STREAM, min=new_ids[0])
+    assert [f[b"data"] for _, f in replayed] == [b'{"n":1}', b'{"n":3}']
+    # Unknown ids are skipped; an empty selection does nothing.
+    assert await topic.replay_dead_letters(["1-1"]) == []
+    assert await topic.replay_dead_letters([]) == []
+    assert len(await topic.dead_letters()) == 2
+
+
+async def test_replay_count_takes_the_oldest(
+    redis_client: redis.asyncio.Redis, topic: Topic, writer: DeadLetterWriter
+) -> None:
+    await topic.publish_many([("t", {"n": n}) for n in range(5)])
+    await dead_letter_all(redis_client, topic, writer)
+    new_ids = await topic.replay_dead_letters(count=2)
+    assert len(new_ids) == 2
+    replayed = await redis_client.xrange(STREAM, min=new_ids[0])
+    assert [f[b"data"] for _, f in replayed] == [b'{"n":0}', b'{"n":1}']
+    assert [letter.data for letter in await topic.dead_letters()] == [
+        {"n": 2},
+        {"n": 3},
+        {"n": 4},
+    ]
+
+
+async def test_dead_letters_paging(
+    redis_client: redis.asyncio.Redis, topic: Topic, writer: DeadLetterWriter
+) -> None:
+    await topic.publish_many([("t", {"n": n}) for n in range(5)])
+    await dead_letter_all(redis_client, topic, writer)
+    first = await topic.dead_letters(count=2)
+    assert [letter.data for letter in first] == [{"n": 0}, {"n": 1}]
+    rest = await topic.dead_letters(count=10, start=first[-1].id)
+    assert [letter.data for letter in rest] == [{"n": n} for n in range(1, 5)]
+
+
+NON_UTF8: dict[bytes, bytes] = {
+    b"type": b"\xffbin\xfe",
+    b"data": b'{"a":"\xc3\x28"}',
+    b"metadata": b"\x80\x81",
+    b"\xfe-extra": b"\x00\xff\x00",
+}
+
+
+async def test_non_utf8_fields_survive_the_round_trip(
+    redis_client: redis.asyncio.Redis, topic: Topic, writer: DeadLetterWriter
+) -> None:
+    flat: list[Any] = [x for pair in NON_UTF8.items() for x in pair]
+    await redis_client.execute_command("XADD", STREAM, "*", *flat)
+    [(entry_id, fields)] = await pending_entries(redis_client, topic)
+    assert fields == NON_UTF8
+    assert await writer.move(
+        entry_id, fields, reason="not UTF-8", error_type="DecodeError", delivery_count=1
+    )
+
+    [letter] = await topic.dead_letters()
+    assert letter.fields == NON_UTF8
+    assert letter.original_id == entry_id
+    assert letter.reason == "not UTF-8"
+    assert isinstance(letter.type, str)  # replacement characters, never an exception
+    assert letter.metadata == {}
+
+    [new_id] = await topic.replay_dead_letters([letter.id])
+    [(got_id, got_fields)] = await redis_client.xrange(STREAM, min=new_id, max=new_id)
+    assert got_id.decode() == new_id
+    assert got_fields == NON_UTF8
+    assert await topic.dead_letters() == []
+
+
+async def test_goStream_shaped_entry_dead_letters(
+    redis_client: redis.asyncio.Redis, topic: Topic, writer: DeadLetterWriter
+) -> None:
+    await redis_client.execute_command(
+        "XADD", STREAM, "*", "metadata", "null", "type", "job", "data", "null"
+    )
+    [(entry_id, fields)] = await pending_entries(redis_client, topic)
+    assert await writer.move(entry_id, fields, reason="r", error_type="E", delivery_count=1)
+    [letter] = await topic.dead_letters()
+    assert letter.type == "job"
+    assert letter.data is None
+    assert letter.metadata == {}
+    assert letter.fields == fields
