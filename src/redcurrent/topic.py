@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._redis import AnyRedis, as_str
+from ._scripts import PUBLISH_MANY
 from .codec import encode_data, encode_fields, encode_metadata
 from .errors import ConfigurationError
 from .keys import TopicKeys
@@ -24,31 +25,6 @@ PublishItem = tuple[str, Any] | tuple[str, Any, Mapping[str, str] | None]
 PUBLISH_CHUNK = 1000
 #: A chunk is also sent once its payloads (data and metadata) reach this many bytes.
 PUBLISH_CHUNK_BYTES = 4 * 1024 * 1024
-
-# KEYS: stream. ARGV: MAXLEN for ``XADD MAXLEN ~`` or "" for none, then
-# (type, data, metadata) triples. Appends them in order; returns their ids.
-# One script call per chunk costs the server about what the XADDs cost and
-# saves the client redis-py's per-command packing and reply handling, which
-# dominate a pipeline of XADDs. One key, so it also runs on a cluster.
-_PUBLISH_MANY = """
-local key = KEYS[1]
-local ids = {}
-local n = 0
-if ARGV[1] == '' then
-  for i = 2, #ARGV, 3 do
-    n = n + 1
-    ids[n] = redis.call('XADD', key, '*',
-                        'type', ARGV[i], 'data', ARGV[i + 1], 'metadata', ARGV[i + 2])
-  end
-else
-  for i = 2, #ARGV, 3 do
-    n = n + 1
-    ids[n] = redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '*',
-                        'type', ARGV[i], 'data', ARGV[i + 1], 'metadata', ARGV[i + 2])
-  end
-end
-return ids
-"""
 
 
 class Topic:
@@ -145,7 +121,7 @@ class Topic:
     async def _send(self, args: list[Any]) -> list[str]:
         script = self._publish_script
         if script is None:
-            script = self._publish_script = self._redis.register_script(_PUBLISH_MANY)
+            script = self._publish_script = self._redis.register_script(PUBLISH_MANY)
         reply: list[bytes | str] = await script(keys=[self.name], args=args)
         return [
             entry_id.decode() if entry_id.__class__ is bytes else str(entry_id)
