@@ -27,7 +27,17 @@ class Acker:
     retries transient faults and raises when the stream or group is gone.
     """
 
-    __slots__ = ("_call", "_delay", "_group", "_ids", "_redis", "_stream", "_wake", "acked")
+    __slots__ = (
+        "_call",
+        "_delay",
+        "_group",
+        "_ids",
+        "_lock",
+        "_redis",
+        "_stream",
+        "_wake",
+        "acked",
+    )
 
     def __init__(
         self,
@@ -44,6 +54,10 @@ class Acker:
         self._delay = delay
         self._ids: list[bytes] = []
         self._wake = anyio.Event()
+        # One flush at a time: the final flush of a stopping consumer must wait for
+        # the one in flight (whose ids are out of ``_ids`` meanwhile), or it would
+        # find nothing to send while that one is being cancelled.
+        self._lock = anyio.Lock()
         self.acked = 0
 
     def add(self, entry_id: bytes) -> None:
@@ -66,15 +80,16 @@ class Acker:
 
     async def flush(self) -> None:
         """Send every id collected so far; on failure they are kept for later."""
-        while self._ids:
-            batch = self._ids[:MAX_IDS_PER_ACK]
-            del self._ids[:MAX_IDS_PER_ACK]
-            try:
-                await self._call("XACK", functools.partial(self._xack, batch))
-            except BaseException:
-                self._ids[:0] = batch
-                raise
-            self.acked += len(batch)
+        async with self._lock:
+            while self._ids:
+                batch = self._ids[:MAX_IDS_PER_ACK]
+                del self._ids[:MAX_IDS_PER_ACK]
+                try:
+                    await self._call("XACK", functools.partial(self._xack, batch))
+                except BaseException:
+                    self._ids[:0] = batch
+                    raise
+                self.acked += len(batch)
 
     async def _xack(self, batch: list[bytes]) -> Any:
         return await self._redis.execute_command("XACK", self._stream, self._group, *batch)

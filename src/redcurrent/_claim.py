@@ -29,15 +29,32 @@ Call = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
 async def delivery_counts(
     redis: AnyRedis, stream: str, group: str, consumer: str, ids: list[bytes], call: Call
 ) -> dict[bytes, int]:
-    """Delivery counters from the group's PEL for entries this consumer just got."""
+    """Delivery counters from the group's PEL for entries this consumer just got.
+
+    ``ids`` are ascending. Other entries this consumer holds may lie between
+    them (a claim batch spans entries it is still running), so the range is
+    read page by page until every id is found or the range is exhausted.
+    """
     if not ids:
         return {}
-    lo, hi = ids[0], ids[-1]
-    rows: list[dict[str, Any]] = await call(
-        "XPENDING",
-        lambda: redis.xpending_range(stream, group, lo, hi, len(ids) + 64, consumername=consumer),
-    )
-    return {row["message_id"]: int(row["times_delivered"]) for row in rows}
+    wanted = set(ids)
+    counts: dict[bytes, int] = {}
+    lo: bytes = ids[0]
+    hi = ids[-1]
+    page = len(ids) + 64
+    while True:
+        rows: list[dict[str, Any]] = await call(
+            "XPENDING",
+            lambda lo=lo: redis.xpending_range(  # type: ignore[misc]
+                stream, group, lo, hi, page, consumername=consumer
+            ),
+        )
+        for row in rows:
+            if row["message_id"] in wanted:
+                counts[row["message_id"]] = int(row["times_delivered"])
+        if len(rows) < page or len(counts) == len(wanted):
+            return counts
+        lo = b"(" + rows[-1]["message_id"]  # exclusive range (Redis >= 6.2)
 
 
 async def recover_own_pending(

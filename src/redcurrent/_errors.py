@@ -22,7 +22,9 @@ class Fault(enum.Enum):
     """Anything else: a bug or a misconfiguration that retrying will not fix."""
 
 
-_GONE_PREFIXES = ("NOGROUP", "UNBLOCKED")
+# ``UNBLOCKED`` alone is not enough: ``CLIENT UNBLOCK ... ERROR`` answers with
+# it too, and an operator unblocking a client must not stop the consumer.
+_GONE_PREFIXES = ("NOGROUP",)
 _GONE_TEXT = ("no such key", "the stream key no longer exists", "consumer group was destroyed")
 _TRANSIENT_PREFIXES = (
     "LOADING",
@@ -34,6 +36,7 @@ _TRANSIENT_PREFIXES = (
     "ASK",
     "BUSY ",
     "NOREPLICAS",
+    "UNBLOCKED",
 )
 
 

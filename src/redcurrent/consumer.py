@@ -10,17 +10,19 @@ which retries transient faults and turns a vanished stream into a stop.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
+import redis.asyncio as aredis
 
 from ._ack import Acker
 from ._backoff import Backoff, Outage
@@ -121,6 +123,8 @@ class StreamConsumer:
                 f"prefetch ({prefetch}) must be >= concurrency ({concurrency})"
             )
         self._redis = bytes_client(redis)
+        #: a sibling client made for a decode_responses one: ours to close.
+        self._owns_client = self._redis is not redis
         self.stream = stream
         self.group = group
         self.name = name or default_consumer_name()
@@ -327,7 +331,7 @@ class StreamConsumer:
     # -- the loops ------------------------------------------------------------
     async def _main(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         redis = self._redis
-        dead = DeadLetterWriter(redis, self.keys, self.group, self.name)
+        dead = _RetryingDeadLetterWriter(redis, self.keys, self.group, self.name, self._call)
         self._acker = acker = Acker(redis, self.stream, self.group, self._call)
         self._control = control = ControlListener(
             redis,
@@ -387,6 +391,9 @@ class StreamConsumer:
         finally:
             if self._stop_reason is None:
                 self._stop_reason = StopReason.STOPPED
+            if self._owns_client and isinstance(self._redis, aredis.Redis):
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                    await self._redis.connection_pool.disconnect()
             logger.info("%s stopped: %s", self, self._stop_reason.value)
             self._done.set()
 
@@ -429,20 +436,22 @@ class StreamConsumer:
     async def _final_flush(self, acker: Acker, lease: LeaseKeeper) -> None:
         """Send the last acks, then hand back what was never finished so that
         other consumers need not wait ``claim_idle`` for it."""
+        problem = "the shutdown time ran out"
         with anyio.CancelScope(shield=True), anyio.move_on_after(max(1.0, self.shutdown_timeout)):
             try:
                 await acker.flush()
-                if self._stop_reason is StopReason.STOPPED and self._dispatcher is not None:
+                if self._stop_reason is StopReason.STOPPED:
                     await lease.hand_back(self.claim_idle)
             except Exception as exc:
-                if acker.waiting:
-                    logger.warning(
-                        "%s: %d acknowledgements could not be sent (%s); those messages "
-                        "stay pending and will be delivered again",
-                        self,
-                        acker.waiting,
-                        exc,
-                    )
+                problem = f"{type(exc).__name__}: {exc}"
+        if acker.waiting:
+            logger.warning(
+                "%s: %d acknowledgements could not be sent (%s); those messages "
+                "stay pending and will be delivered again",
+                self,
+                acker.waiting,
+                problem,
+            )
 
     async def _guard(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Run a loop; turn its failure into a stop with the right reason."""
@@ -537,6 +546,45 @@ class StreamConsumer:
     def _on_terminate(self) -> None:
         logger.warning("%s: topic terminated; stopping", self)
         self.request_stop(StopReason.TERMINATED, hard=True)
+
+
+class _RetryingDeadLetterWriter(DeadLetterWriter):
+    """Moves to the dead letters through the consumer's retrying call, so an
+    outage at that moment is waited out (and a vanished group stops the
+    consumer) instead of failing it."""
+
+    __slots__ = ("_retry",)
+
+    def __init__(
+        self,
+        redis: AnyRedis,
+        keys: TopicKeys,
+        group: str,
+        consumer: str,
+        call: Callable[[str, Callable[[], Awaitable[bool]]], Awaitable[bool]],
+    ) -> None:
+        super().__init__(redis, keys, group, consumer)
+        self._retry = call
+
+    async def move(
+        self,
+        entry_id: str,
+        fields: Mapping[bytes, bytes],
+        *,
+        reason: str,
+        error_type: str,
+        delivery_count: int,
+    ) -> bool:
+        # Safe to repeat: the script acks and copies only an entry still pending.
+        attempt = functools.partial(
+            super().move,
+            entry_id,
+            fields,
+            reason=reason,
+            error_type=error_type,
+            delivery_count=delivery_count,
+        )
+        return await self._retry("dead letter move", attempt)
 
 
 def _block_within_socket_timeout(redis: AnyRedis, block: float) -> float:
