@@ -11,24 +11,20 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 
 from ._dispatch import Dispatcher
-from ._redis import AnyRedis, entries_of
+from ._member import GroupMember
+from ._redis import entries_of
 
 __all__ = ["Claimer", "delivery_counts", "recover_own_pending"]
 
 logger = logging.getLogger("redcurrent.consumer")
 
-Call = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
-
-async def delivery_counts(
-    redis: AnyRedis, stream: str, group: str, consumer: str, ids: list[bytes], call: Call
-) -> dict[bytes, int]:
+async def delivery_counts(member: GroupMember, ids: list[bytes]) -> dict[bytes, int]:
     """Delivery counters from the group's PEL for entries this consumer just got.
 
     ``ids`` are ascending. Other entries this consumer holds may lie between
@@ -43,10 +39,16 @@ async def delivery_counts(
     hi = ids[-1]
     page = len(ids) + 64
     while True:
-        rows: list[dict[str, Any]] = await call(
+        rows: list[dict[str, Any]] = await member.call(
             "XPENDING",
-            lambda lo=lo: redis.xpending_range(  # type: ignore[misc]
-                stream, group, lo, hi, page, consumername=consumer
+            functools.partial(
+                member.redis.xpending_range,
+                member.stream,
+                member.group,
+                lo,
+                hi,
+                page,
+                consumername=member.name,
             ),
         )
         for row in rows:
@@ -57,39 +59,29 @@ async def delivery_counts(
         lo = b"(" + rows[-1]["message_id"]  # exclusive range (Redis >= 6.2)
 
 
-async def recover_own_pending(
-    redis: AnyRedis,
-    stream: str,
-    group: str,
-    consumer: str,
-    dispatcher: Dispatcher,
-    call: Call,
-    count: int = 500,
-) -> int:
+async def recover_own_pending(member: GroupMember, dispatcher: Dispatcher, count: int = 500) -> int:
     """Feed this consumer's own pending entries to the dispatcher; returns how many."""
     last: bytes = b"0-0"
     total = 0
     while True:
         free = await dispatcher.wait_for_space()
         n = min(count, free)
-        reply = await call(
+        reply = await member.call(
             "XREADGROUP",
             functools.partial(
-                redis.execute_command,
-                *("XREADGROUP", "GROUP", group, consumer, "COUNT", n, "STREAMS", stream, last),
+                member.redis.execute_command,
+                *("XREADGROUP", "GROUP", member.group, member.name, "COUNT", n),
+                *("STREAMS", member.stream, last),
             ),
         )
         entries = entries_of(reply)
         if not entries:
             break
-        counts = await delivery_counts(
-            redis, stream, group, consumer, [e[0] for e in entries], call
-        )
-        dispatcher.submit(entries, counts)
+        dispatcher.submit(entries, await delivery_counts(member, [e[0] for e in entries]))
         total += len(entries)
         last = entries[-1][0]
     if total:
-        logger.info("consumer %s: recovered %d own pending entries of %s", consumer, total, stream)
+        logger.info("%r: recovered %d of its own pending entries", member, total)
     return total
 
 
@@ -98,23 +90,15 @@ class Claimer:
 
     def __init__(
         self,
-        redis: AnyRedis,
-        stream: str,
-        group: str,
-        consumer: str,
+        member: GroupMember,
         dispatcher: Dispatcher,
-        call: Call,
         *,
         claim_idle: float,
         interval: float,
         count: int = 100,
     ) -> None:
-        self._redis = redis
-        self._stream = stream
-        self._group = group
-        self._consumer = consumer
+        self._member = member
         self._dispatcher = dispatcher
-        self._call = call
         self._min_idle_ms = max(1, int(claim_idle * 1000))
         self._interval = interval
         self._count = count
@@ -128,54 +112,37 @@ class Claimer:
 
     async def claim_once(self) -> int:
         """One XAUTOCLAIM step from the kept cursor; returns entries claimed."""
-        free = await self._dispatcher.wait_for_space()
-        n = min(self._count, free)
-        cursor = self._cursor
-        reply = await self._call(
+        member = self._member
+        n = min(self._count, await self._dispatcher.wait_for_space())
+        reply = await member.call(
             "XAUTOCLAIM",
-            lambda: self._redis.execute_command(
-                "XAUTOCLAIM",
-                self._stream,
-                self._group,
-                self._consumer,
-                self._min_idle_ms,
-                cursor,
-                "COUNT",
-                n,
+            functools.partial(
+                member.redis.execute_command,
+                *("XAUTOCLAIM", member.stream, member.group, member.name),
+                *(self._min_idle_ms, self._cursor, "COUNT", n),
             ),
         )
         self._cursor = reply[0]
-        entries = [(i, f if isinstance(f, dict) else {}) for i, f in (reply[1] or [])]
         if len(reply) > 2 and reply[2]:
             # Redis 7+: idle pending entries whose stream entry was deleted;
             # the server already dropped them from the PEL.
             logger.warning(
-                "%s/%s: %d pending entries were deleted from the stream before anyone "
+                "%r: %d pending entries were deleted from the stream before anyone "
                 "finished them; the server dropped them from the pending list: %s",
-                self._stream,
-                self._group,
+                member,
                 len(reply[2]),
                 ", ".join(i.decode() for i in reply[2][:20]),
             )
+        held = self._dispatcher.held
+        entries = [
+            (i, f if isinstance(f, dict) else {}) for i, f in (reply[1] or []) if i not in held
+        ]
         if not entries:
             return 0
-        entries = [e for e in entries if e[0] not in self._dispatcher.held]
-        counts = await delivery_counts(
-            self._redis,
-            self._stream,
-            self._group,
-            self._consumer,
-            [e[0] for e in entries],
-            self._call,
-        )
+        counts = await delivery_counts(member, [e[0] for e in entries])
         self._dispatcher.counters.claimed += len(entries)
         logger.info(
-            "%s/%s: consumer %s claimed %d idle entries (first %s)",
-            self._stream,
-            self._group,
-            self._consumer,
-            len(entries),
-            entries[0][0].decode() if entries else "-",
+            "%r: claimed %d idle entries (first %s)", member, len(entries), entries[0][0].decode()
         )
         self._dispatcher.submit(entries, counts)
         return len(entries)

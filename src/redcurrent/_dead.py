@@ -7,8 +7,9 @@ that ``XRANGE`` shows everything and a replay restores the exact entry.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -25,19 +26,33 @@ if TYPE_CHECKING:
 __all__ = ["DeadLetterWriter", "read_dead_letters", "replay_dead_letters"]
 
 _P = DEAD_LETTER_FIELD_PREFIX.encode()
+
+Call = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
 _json = msgspec.json.Decoder()
 
 
 class DeadLetterWriter:
     """Moves entries of one group to the dead-letter stream atomically."""
 
-    __slots__ = ("_consumer", "_group", "_keys", "_script")
+    __slots__ = ("_call", "_consumer", "_group", "_keys", "_script")
 
-    def __init__(self, redis: AnyRedis, keys: TopicKeys, group: str, consumer: str) -> None:
+    def __init__(
+        self,
+        redis: AnyRedis,
+        keys: TopicKeys,
+        group: str,
+        consumer: str,
+        *,
+        call: Call | None = None,
+    ) -> None:
+        """``call``: a consumer's retrying wrapper, so that an outage at the
+        moment of the move is waited out. Repeating a move is safe: the script
+        acks and copies only an entry that is still pending."""
         self._script = redis.register_script(DEAD_LETTER)
         self._keys = keys
         self._group = group
         self._consumer = consumer
+        self._call = call
 
     async def move(
         self,
@@ -62,7 +77,10 @@ class DeadLetterWriter:
             "dlq:delivery_count", delivery_count,
             "dlq:failed_at", f"{time.time():.3f}",
         )  # fmt: skip
-        result = await self._script(keys=[self._keys.stream, self._keys.dead_letters], args=args)
+        attempt = functools.partial(
+            self._script, keys=[self._keys.stream, self._keys.dead_letters], args=args
+        )
+        result = await (self._call("dead letter move", attempt) if self._call else attempt())
         return result is not None
 
 

@@ -11,43 +11,26 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import anyio
 
 from ._dispatch import Dispatcher
-from ._redis import AnyRedis
+from ._member import GroupMember
 from ._scripts import REFRESH_LEASE
 
 __all__ = ["LeaseKeeper"]
 
 logger = logging.getLogger("redcurrent.consumer")
 
-Call = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
-
 #: ids per script call, so that one call never blocks the server for long.
 CHUNK = 1000
 
 
 class LeaseKeeper:
-    def __init__(
-        self,
-        redis: AnyRedis,
-        stream: str,
-        group: str,
-        consumer: str,
-        dispatcher: Dispatcher,
-        call: Call,
-        *,
-        interval: float,
-    ) -> None:
-        self._script = redis.register_script(REFRESH_LEASE)
-        self._stream = stream
-        self._group = group
-        self._consumer = consumer
+    def __init__(self, member: GroupMember, dispatcher: Dispatcher, *, interval: float) -> None:
+        self._script = member.redis.register_script(REFRESH_LEASE)
+        self._member = member
         self._dispatcher = dispatcher
-        self._call = call
         self.interval = interval
 
     async def run(self) -> None:
@@ -66,12 +49,13 @@ class LeaseKeeper:
     async def _set_idle(self, held: list[bytes], idle_ms: int) -> None:
         for start in range(0, len(held), CHUNK):
             chunk = held[start : start + CHUNK]
-            lost: list[bytes] = await self._call(
+            member = self._member
+            lost: list[bytes] = await member.call(
                 "lease refresh",
                 functools.partial(
                     self._script,
-                    keys=[self._stream],
-                    args=[self._group, self._consumer, idle_ms, *chunk],
+                    keys=[member.stream],
+                    args=[member.group, member.name, idle_ms, *chunk],
                 ),
             )
             if lost and idle_ms == 0:
@@ -83,11 +67,9 @@ class LeaseKeeper:
         if not still:
             return  # settled meanwhile
         logger.warning(
-            "%s/%s: consumer %s lost %d entries to another consumer (was the event loop "
+            "%r lost %d entries to another consumer (was the event loop "
             "blocked longer than claim_idle?): %s",
-            self._stream,
-            self._group,
-            self._consumer,
+            self._member,
             len(still),
             ", ".join(i.decode() for i in still[:20]),
         )

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._dispatch import Dispatcher
-from ._redis import AnyRedis, entries_of
+from ._redis import AnyRedis, entries_of, raw_reply_client
 
 __all__ = ["Reader"]
 
@@ -29,7 +29,8 @@ class Reader:
         block: float,
         count: int,
     ) -> None:
-        self._redis = redis
+        # Replies come back as the parser's lists: entries_of builds the dicts once.
+        self._redis = raw_reply_client(redis, "XREADGROUP")
         self._dispatcher = dispatcher
         self._call = call
         self._count = count

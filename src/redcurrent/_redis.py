@@ -21,6 +21,7 @@ __all__ = [
     "as_str",
     "bytes_client",
     "entries_of",
+    "raw_reply_client",
 ]
 
 AnyRedis: TypeAlias = "aredis.Redis | RedisCluster"
@@ -54,8 +55,29 @@ def as_str(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def raw_reply_client(client: AnyRedis, *commands: str) -> AnyRedis:
+    """A client on ``client``'s connection pool whose replies to ``commands`` skip
+    redis-py's response callbacks, so the parser's plain lists come back.
+
+    For an XREADGROUP of hundreds of entries the RESP2 callback builds a tuple and
+    a dict per entry that :func:`entries_of` would only unpack again. Connections,
+    retries and health checks stay redis-py's: only the parsing step is dropped.
+    Anything but a plain :class:`redis.asyncio.Redis` on a connection pool (a
+    subclass, a single-connection client, a cluster) is returned as it is;
+    :func:`entries_of` reads both forms.
+    """
+    if type(client) is not aredis.Redis or client.single_connection_client:
+        return client
+    sibling = aredis.Redis(connection_pool=client.connection_pool)
+    for command in commands:
+        if command in sibling.response_callbacks:
+            del sibling.response_callbacks[command]
+    return sibling
+
+
 def entries_of(reply: Any) -> list[Entry]:
-    """The entries of a one-stream XREAD/XREADGROUP reply, RESP2 or RESP3.
+    """The entries of a one-stream XREAD/XREADGROUP reply: RESP2 or RESP3, parsed
+    by redis-py's callbacks (``(id, dict)``) or raw (``[id, [k, v, ...]]``).
 
     A pending entry whose stream entry was deleted comes back with no fields
     (an empty dict); callers treat that as "gone".
@@ -64,9 +86,16 @@ def entries_of(reply: Any) -> list[Entry]:
         return []
     streams: Iterable[Any] = reply.values() if isinstance(reply, dict) else (s[1] for s in reply)
     out: list[Entry] = []
+    append = out.append
     for entries in streams:
-        for entry_id, fields in entries:
-            out.append((entry_id, fields if isinstance(fields, dict) else _pairs(fields)))
+        for entry_id, f in entries:
+            if f.__class__ is list and len(f) == 6:
+                # The wire format's three fields: the common case, spelled out.
+                append((entry_id, {f[0]: f[1], f[2]: f[3], f[4]: f[5]}))
+            elif isinstance(f, dict):
+                append((entry_id, f))
+            else:
+                append((entry_id, _pairs(f)))
     return out
 
 

@@ -4,19 +4,18 @@ Data path, top to bottom: ``_claim`` (own pending, then XAUTOCLAIM) and
 ``_read`` (XREADGROUP ``>``) feed the ``_dispatch`` worker pool, which runs
 handlers and hands ids to ``_ack`` or to the dead letters; ``_lease`` keeps
 held entries from being claimed by others meanwhile. All loops run in one
-anyio task group; every Redis call goes through :meth:`StreamConsumer._call`,
+anyio task group; every Redis call goes through :meth:`GroupMember.call`,
 which retries transient faults and turns a vanished stream into a stop.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -25,17 +24,16 @@ import anyio.abc
 import redis.asyncio as aredis
 
 from ._ack import Acker
-from ._backoff import Backoff, Outage
 from ._batch import BatchConfig, Batcher
 from ._claim import Claimer, recover_own_pending
 from ._dead import DeadLetterWriter
 from ._dispatch import Counters, Dispatcher
-from ._errors import Fault, classify, is_busygroup
+from ._housekeeping import prune_idle_consumers
 from ._lease import LeaseKeeper
+from ._member import GroupMember
 from ._read import Reader
 from ._redis import AnyRedis, bytes_client
 from ._routes import BatchHandlerObject, HandlerObject, Router
-from ._scripts import DELETE_IDLE_CONSUMER
 from .cleanup import AutoCleaner, CleanupPolicy
 from .control import ControlListener
 from .errors import ConfigurationError, ConsumerStateError, TopicGoneError
@@ -141,7 +139,7 @@ class StreamConsumer:
         self.consumer_idle_timeout = consumer_idle_timeout
         self._router = Router()
         self._counters = Counters()
-        self._outage = Outage(logger, f"consumer {self.name} of {stream}/{group}")
+        self._member = GroupMember(self._redis, self.keys, group, self.name)
         self._started = False
         self._stop_reason: StopReason | None = None
         self._error: BaseException | None = None
@@ -331,8 +329,9 @@ class StreamConsumer:
     # -- the loops ------------------------------------------------------------
     async def _main(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         redis = self._redis
-        dead = _RetryingDeadLetterWriter(redis, self.keys, self.group, self.name, self._call)
-        self._acker = acker = Acker(redis, self.stream, self.group, self._call)
+        member = self._member
+        dead = DeadLetterWriter(redis, self.keys, self.group, self.name, call=member.call)
+        self._acker = acker = Acker(redis, self.stream, self.group, member.call)
         self._control = control = ControlListener(
             redis,
             self.keys,
@@ -362,17 +361,11 @@ class StreamConsumer:
                 task_status.started()
                 self._services = services
                 services.start_soon(self._guard, acker.run)
-                lease = LeaseKeeper(
-                    redis,
-                    self.stream,
-                    self.group,
-                    self.name,
-                    dispatcher,
-                    self._call,
-                    interval=self.claim_idle / 3,
-                )
+                lease = LeaseKeeper(member, dispatcher, interval=self.claim_idle / 3)
                 services.start_soon(self._guard, lease.run)
-                services.start_soon(self._guard, self._housekeeping)
+                services.start_soon(
+                    self._guard, prune_idle_consumers, member, self.consumer_idle_timeout
+                )
                 if self._batcher is not None:
                     services.start_soon(self._guard, self._batcher.run)
                 if self.cleanup is not None and self.cleanup.auto:
@@ -397,38 +390,44 @@ class StreamConsumer:
             logger.info("%s stopped: %s", self, self._stop_reason.value)
             self._done.set()
 
+    async def _create_group(self) -> None:
+        start = self.start.value if isinstance(self.start, StartFrom) else str(self.start)
+        if await self._member.create_group(start):
+            logger.info("%s: created group %r at %r", self, self.group, start)
+        else:
+            logger.info(
+                "%s: group %r exists; it keeps its position (start=%r applies to new groups only)",
+                self,
+                self.group,
+                start,
+            )
+
     def _batch_sizes(self) -> list[int]:
         return [r.size or self.batch.size for r in self._router.routes.values() if r.batch] or [0]
 
     async def _feed(self, dispatcher: Dispatcher) -> None:
         """Own pending first, then claims and new entries side by side."""
-        redis, stream, group, name = self._redis, self.stream, self.group, self.name
+        member = self._member
         with anyio.CancelScope() as self._feed_scope:
             if self._stop_reason is not None:
                 return
             claimer = Claimer(
-                redis,
-                stream,
-                group,
-                name,
+                member,
                 dispatcher,
-                self._call,
                 claim_idle=self.claim_idle,
                 interval=max(0.05, self.claim_idle / 2),
             )
             reader = Reader(
-                redis,
-                stream,
-                group,
-                name,
+                self._redis,
+                self.stream,
+                self.group,
+                self.name,
                 dispatcher,
-                self._call,
+                member.call,
                 block=self.block,
                 count=min(500, self.prefetch),
             )
-            await self._guard(
-                recover_own_pending, redis, stream, group, name, dispatcher, self._call
-            )
+            await self._guard(recover_own_pending, member, dispatcher)
             async with anyio.create_task_group() as feeders:
                 feeders.start_soon(self._guard, claimer.run)
                 feeders.start_soon(self._guard, reader.run)
@@ -469,71 +468,6 @@ class StreamConsumer:
             logger.exception("%s: unrecoverable error; stopping", self)
             self.request_stop(StopReason.FAILED, exc, hard=True)
 
-    async def _call(self, what: str, fn: Callable[[], Awaitable[R]]) -> R:
-        """One Redis call: transient faults retried with backoff, a vanished
-        stream or group raised as :class:`TopicGoneError`."""
-        backoff: Backoff | None = None
-        while True:
-            try:
-                result = await fn()
-            except Exception as exc:
-                fault = classify(exc)
-                if fault is Fault.TRANSIENT:
-                    self._outage.failed(exc, what)
-                    backoff = backoff or Backoff()
-                    await backoff.sleep()
-                    continue
-                if fault is Fault.GONE:
-                    raise TopicGoneError(self.stream, f"{what}: {exc}") from exc
-                raise
-            if self._outage.ongoing:
-                self._outage.recovered()
-            return result
-
-    async def _create_group(self) -> None:
-        start = self.start.value if isinstance(self.start, StartFrom) else str(self.start)
-        try:
-            await self._call(
-                "XGROUP CREATE",
-                lambda: self._redis.execute_command(
-                    "XGROUP", "CREATE", self.stream, self.group, start, "MKSTREAM"
-                ),
-            )
-        except Exception as exc:
-            if not is_busygroup(exc):
-                raise
-            logger.info(
-                "%s: group %r exists; it keeps its position (start=%r applies to new groups only)",
-                self,
-                self.group,
-                start,
-            )
-        else:
-            logger.info("%s: created group %r at %r", self, self.group, start)
-
-    async def _housekeeping(self) -> None:
-        """Delete consumers of the group that are idle and hold nothing."""
-        script = self._redis.register_script(DELETE_IDLE_CONSUMER)
-        idle_ms = int(self.consumer_idle_timeout * 1000)
-        interval = min(max(self.consumer_idle_timeout / 4, 1.0), 900.0)
-        while True:
-            rows: list[dict[str, Any]] = await self._call(
-                "XINFO CONSUMERS", lambda: self._redis.xinfo_consumers(self.stream, self.group)
-            )
-            for row in rows:
-                name = row["name"].decode() if isinstance(row["name"], bytes) else row["name"]
-                if name == self.name or row["pending"] or row["idle"] < idle_ms:
-                    continue
-                deleted = await self._call(
-                    "XGROUP DELCONSUMER",
-                    lambda name=name: script(  # type: ignore[misc]
-                        keys=[self.stream], args=[self.group, name, idle_ms]
-                    ),
-                )
-                if deleted == 0:
-                    logger.info("%s: deleted idle consumer %r from the group", self, name)
-            await anyio.sleep(interval)
-
     # -- control notifications -----------------------------------------------
     def _on_stop_message(self, entry_id: str) -> None:
         if self._dispatcher is not None and self._dispatcher.stop_running(entry_id):
@@ -546,45 +480,6 @@ class StreamConsumer:
     def _on_terminate(self) -> None:
         logger.warning("%s: topic terminated; stopping", self)
         self.request_stop(StopReason.TERMINATED, hard=True)
-
-
-class _RetryingDeadLetterWriter(DeadLetterWriter):
-    """Moves to the dead letters through the consumer's retrying call, so an
-    outage at that moment is waited out (and a vanished group stops the
-    consumer) instead of failing it."""
-
-    __slots__ = ("_retry",)
-
-    def __init__(
-        self,
-        redis: AnyRedis,
-        keys: TopicKeys,
-        group: str,
-        consumer: str,
-        call: Callable[[str, Callable[[], Awaitable[bool]]], Awaitable[bool]],
-    ) -> None:
-        super().__init__(redis, keys, group, consumer)
-        self._retry = call
-
-    async def move(
-        self,
-        entry_id: str,
-        fields: Mapping[bytes, bytes],
-        *,
-        reason: str,
-        error_type: str,
-        delivery_count: int,
-    ) -> bool:
-        # Safe to repeat: the script acks and copies only an entry still pending.
-        attempt = functools.partial(
-            super().move,
-            entry_id,
-            fields,
-            reason=reason,
-            error_type=error_type,
-            delivery_count=delivery_count,
-        )
-        return await self._retry("dead letter move", attempt)
 
 
 def _block_within_socket_timeout(redis: AnyRedis, block: float) -> float:

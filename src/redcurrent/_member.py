@@ -1,0 +1,79 @@
+"""One consumer's seat in one stream's group.
+
+Every loop of a consumer (read, claim, lease, ack, dead letters,
+housekeeping) needs the same four names and the same way of calling Redis:
+transient faults retried with backoff and logged once per outage, a vanished
+stream or group turned into :class:`TopicGoneError`. They all get them from
+a :class:`GroupMember`. A consumer of a partitioned topic will hold one per
+stream, while its dispatcher stays shared.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from ._backoff import Backoff, Outage
+from ._errors import Fault, classify, is_busygroup
+from ._redis import AnyRedis
+from .errors import TopicGoneError
+from .keys import TopicKeys
+
+__all__ = ["GroupMember"]
+
+logger = logging.getLogger("redcurrent.consumer")
+
+R = TypeVar("R")
+
+
+class GroupMember:
+    __slots__ = ("group", "keys", "name", "outage", "redis", "stream")
+
+    def __init__(self, redis: AnyRedis, keys: TopicKeys, group: str, name: str) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.stream = keys.stream
+        self.group = group
+        self.name = name
+        self.outage = Outage(logger, f"consumer {name} of {keys.stream}/{group}")
+
+    def __repr__(self) -> str:
+        return f"GroupMember({self.stream!r}, group={self.group!r}, name={self.name!r})"
+
+    async def call(self, what: str, fn: Callable[[], Awaitable[R]]) -> R:
+        """One Redis call: transient faults retried with backoff, a vanished
+        stream or group raised as :class:`TopicGoneError`."""
+        backoff: Backoff | None = None
+        while True:
+            try:
+                result = await fn()
+            except Exception as exc:
+                fault = classify(exc)
+                if fault is Fault.TRANSIENT:
+                    self.outage.failed(exc, what)
+                    backoff = backoff or Backoff()
+                    await backoff.sleep()
+                    continue
+                if fault is Fault.GONE:
+                    raise TopicGoneError(self.stream, f"{what}: {exc}") from exc
+                raise
+            if self.outage.ongoing:
+                self.outage.recovered()
+            return result
+
+    async def create_group(self, start: str) -> bool:
+        """Create the group at ``start`` (and the stream if missing); False if
+        it existed, in which case it keeps its position."""
+        try:
+            await self.call(
+                "XGROUP CREATE",
+                lambda: self.redis.execute_command(
+                    "XGROUP", "CREATE", self.stream, self.group, start, "MKSTREAM"
+                ),
+            )
+        except Exception as exc:
+            if not is_busygroup(exc):
+                raise
+            return False
+        return True
