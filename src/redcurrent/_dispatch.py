@@ -122,13 +122,13 @@ class Dispatcher:
             fresh += 1
             item: Item = (raw_id, fields, counts.get(raw_id, 1) if counts else 1)
             if batched:
-                self._route(item)
+                self._route(item, wake=False)
             else:
                 queue.append(item)
         self.counters.received += fresh
         self._work.set()
 
-    def _route(self, item: Item, *, front: bool = False) -> None:
+    def _route(self, item: Item, *, front: bool = False, wake: bool = True) -> None:
         """Queue one held item, or add it to its batch; stopped ones are parked."""
         route = self._batch_types.get(item[1].get(FIELD_TYPE, b"")) if self.batcher else None
         if route is None:
@@ -141,7 +141,8 @@ class Dispatcher:
         else:
             assert self.batcher is not None
             self.batcher.add(route, item)
-        self._work.set()
+        if wake:
+            self._work.set()
 
     def enqueue_batch(self, batch: Batch) -> None:
         self.queue.append(batch)

@@ -348,7 +348,7 @@ class StreamConsumer:
             max_deliveries=self.max_deliveries,
             batcher=None,
             is_stopped=control.is_stopped,
-            prefetch=max(self.prefetch, *self._batch_sizes()),
+            prefetch=self._effective_prefetch(),
         )
         if self._router.batch_types:
             self._batcher = Batcher(self.batch, dispatcher.enqueue_batch)
@@ -402,8 +402,11 @@ class StreamConsumer:
                 start,
             )
 
-    def _batch_sizes(self) -> list[int]:
-        return [r.size or self.batch.size for r in self._router.routes.values() if r.batch] or [0]
+    def _effective_prefetch(self) -> int:
+        """Room for a few full batches besides the single messages: a batch
+        can only fill from what the consumer may hold."""
+        sizes = [r.size or self.batch.size for r in self._router.routes.values() if r.batch]
+        return max(self.prefetch, 4 * max(sizes, default=0))
 
     async def _feed(self, dispatcher: Dispatcher) -> None:
         """Own pending first, then claims and new entries side by side."""
