@@ -10,6 +10,7 @@ which retries transient faults and turns a vanished stream into a stop.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -485,10 +486,28 @@ class StreamConsumer:
         self.request_stop(StopReason.TERMINATED, hard=True)
 
 
+_UNSET = object()
+
+
 def _block_within_socket_timeout(redis: AnyRedis, block: float) -> float:
-    """A blocking read must return before the client's socket timeout fires."""
+    """A blocking read must return before the client's socket timeout fires.
+
+    redis-py >= 6 gives connections a 5 s socket timeout by default without
+    writing it into the pool's ``connection_kwargs`` when the client comes
+    from ``from_url``, so the class default is consulted too.
+    """
     pool = getattr(redis, "connection_pool", None)
-    timeout = pool.connection_kwargs.get("socket_timeout") if pool is not None else None
-    if timeout:
+    if pool is None:
+        return block
+    kwargs = pool.connection_kwargs
+    timeout = kwargs.get("socket_timeout", kwargs.get("orig_socket_timeout", _UNSET))
+    if timeout is _UNSET:
+        timeout = None
+        for cls in pool.connection_class.__mro__:
+            parameter = inspect.signature(cls.__init__).parameters.get("socket_timeout")
+            if parameter is not None:
+                timeout = parameter.default
+                break
+    if isinstance(timeout, int | float) and timeout > 0:
         return min(block, max(0.05, float(timeout) * 0.8))
     return block

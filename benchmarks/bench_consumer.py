@@ -1,0 +1,586 @@
+"""Consumer benchmarks: throughput, end-to-end latency, memory and idle cost.
+
+Each figure is measured for redcurrent and for the loop a user would write with
+redis-py + hiredis (the *raw baseline*)::
+
+    while True:
+        reply = await r.xreadgroup(group, name, {stream: ">"}, count=500, block=...)
+        for entry_id, fields in reply[0][1]:
+            await handler(msgspec.json.decode(fields[b"data"]))
+        await r.xack(stream, group, *ids)       # one XACK per batch
+
+The raw loop decodes ``data`` with ``msgspec.json.decode`` (the decoder redcurrent
+uses, so the comparison measures the library, not the JSON parser), calls the same
+trivial async handler per message and acks every message: the user-visible work is
+the same. redcurrent additionally decodes ``metadata``, builds a ``Message``, keeps
+leases and the stopped-id check; that is the overhead being measured.
+
+Normally driven by ``benchmarks/run.py``. Run on its own for a profile::
+
+    python benchmarks/bench_consumer.py profile [--count N] [--concurrency C]
+
+(pyinstrument if installed, else cProfile). ``child-memory`` and ``child-idle`` are
+the subprocess entry points of the memory and idle benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import redis.asyncio as aredis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    GROUP,
+    PAYLOAD,
+    RAW_COUNT,
+    TYPE,
+    fill_stream,
+    fresh_copy,
+    median,
+    pending_count,
+    percentile,
+    private_redis_url,
+)
+
+from redcurrent import Message, StartFrom, StreamConsumer
+
+_decode = msgspec.json.decode
+_encode = msgspec.json.encode
+
+
+class Sink:
+    """The trivial handler: counts messages and signals when ``target`` were seen."""
+
+    __slots__ = ("done", "n", "target")
+
+    def __init__(self, target: int) -> None:
+        self.n = 0
+        self.target = target
+        self.done = anyio.Event()
+
+    async def one(self, _msg: Any) -> None:
+        self.n += 1
+        if self.n >= self.target:
+            self.done.set()
+
+    async def many(self, msgs: list[Any]) -> None:
+        self.n += len(msgs)
+        if self.n >= self.target:
+            self.done.set()
+
+
+# --------------------------------------------------------------------------- the two loops
+
+
+async def raw_loop(
+    client: aredis.Redis,
+    stream: str,
+    name: str,
+    handler: Callable[[Any], Awaitable[None]],
+    *,
+    block_ms: int,
+    until: Callable[[], bool],
+) -> None:
+    """The raw baseline: XREADGROUP COUNT 500, handler per message, one XACK per batch."""
+    decode = _decode
+    while not until():
+        reply = await client.xreadgroup(GROUP, name, {stream: ">"}, count=RAW_COUNT, block=block_ms)
+        if not reply:
+            continue
+        ids = []
+        for entry_id, fields in reply[0][1]:
+            await handler(decode(fields[b"data"]))
+            ids.append(entry_id)
+        await client.xack(stream, GROUP, *ids)
+
+
+def make_consumer(
+    client: aredis.Redis,
+    stream: str,
+    sink: Sink,
+    *,
+    concurrency: int,
+    batch: int | None,
+    start: StartFrom = StartFrom.EARLIEST,
+    prefetch: int | None = None,
+) -> StreamConsumer:
+    consumer = StreamConsumer(
+        client,
+        stream,
+        GROUP,
+        name="rc",
+        start=start,
+        concurrency=concurrency,
+        prefetch=prefetch,
+    )
+    if batch:
+        consumer.batch_handler(TYPE, size=batch)(sink.many)
+    else:
+        consumer.handler(TYPE)(sink.one)
+    return consumer
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+class Variant(msgspec.Struct, frozen=True):
+    key: str
+    label: str
+    impl: str  # "raw" | "redcurrent"
+    concurrency: int = 1
+    batch: int | None = None
+    prefetch: int | None = None
+
+
+#: The prefetch of the read-ahead variants (not the default; see benchmarks/README.md).
+READ_AHEAD_PREFETCH = 1024
+
+
+def throughput_variants(quick: bool) -> list[Variant]:
+    out = [Variant("raw", "raw redis-py loop (COUNT 500, XACK per batch)", "raw")]
+    for c in (1, 4, 16, 64):
+        out.append(Variant(f"single_c{c}", f"redcurrent handler, concurrency {c}", "redcurrent", c))
+    for size in (10, 50, 100, 500):
+        out.append(
+            Variant(f"batch_{size}", f"redcurrent batch_handler size={size}", "redcurrent", 1, size)
+        )
+    # Read-ahead: with prefetch >= 2 x COUNT one read is in flight while the
+    # workers run the previous one. Informational rows, not held against targets.
+    p = READ_AHEAD_PREFETCH
+    out.append(Variant("single_c1_ra", f"… concurrency 1, prefetch={p}", "redcurrent", 1, None, p))
+    out.append(Variant("batch_100_ra", f"… batch size=100, prefetch={p}", "redcurrent", 1, 100, p))
+    return out
+
+
+async def _time_raw(client: aredis.Redis, stream: str, n: int) -> float:
+    sink = Sink(n)
+    started = time.perf_counter()
+    await client.xgroup_create(stream, GROUP, id="0")
+    await raw_loop(
+        client, stream, "raw", sink.one, block_ms=1000, until=lambda: sink.n >= sink.target
+    )
+    return time.perf_counter() - started
+
+
+async def _time_redcurrent(client: aredis.Redis, stream: str, n: int, v: Variant) -> float:
+    sink = Sink(n)
+    consumer = make_consumer(
+        client, stream, sink, concurrency=v.concurrency, batch=v.batch, prefetch=v.prefetch
+    )
+    started = time.perf_counter()
+    async with consumer:
+        await sink.done.wait()
+        return time.perf_counter() - started
+
+
+async def throughput(url: str, n: int, repeat: int, quick: bool) -> dict[str, Any]:
+    """Every variant on ``n`` messages, ``repeat`` rounds, variants interleaved."""
+    variants = throughput_variants(quick)
+    client = aredis.Redis.from_url(url)
+    template = "bench:template"
+    try:
+        await client.delete(template)
+        await fill_stream(client, template, n)
+        times: dict[str, list[float]] = {v.key: [] for v in variants}
+        # One warm-up round on a small copy (imports, connections, code paths).
+        rounds = [("warm", min(n, 5000))] + [(str(r), n) for r in range(repeat)]
+        for label, count in rounds:
+            for v in variants:
+                stream = f"bench:tp:{v.key}:{label}"
+                if count == n:
+                    await fresh_copy(client, template, stream)
+                else:
+                    await client.delete(stream)
+                    await fill_stream(client, stream, count)
+                if v.impl == "raw":
+                    elapsed = await _time_raw(client, stream, count)
+                else:
+                    elapsed = await _time_redcurrent(client, stream, count, v)
+                left = await pending_count(client, stream, GROUP)
+                if left:
+                    raise RuntimeError(f"{v.key}: {left} messages left unacknowledged")
+                await client.delete(stream)
+                if label != "warm":
+                    times[v.key].append(elapsed)
+        await client.delete(template)
+    finally:
+        await client.aclose()
+    results: dict[str, Any] = {}
+    for v in variants:
+        med = median(times[v.key])
+        results[v.key] = {
+            "label": v.label,
+            "impl": v.impl,
+            "concurrency": v.concurrency,
+            "batch": v.batch,
+            "prefetch": v.prefetch,
+            "messages": n,
+            "runs_s": times[v.key],
+            "median_s": med,
+            "msgs_per_s": n / med,
+            "us_per_msg": med / n * 1e6,
+        }
+    return results
+
+
+# --------------------------------------------------------------------------- latency
+
+
+async def _latency_once(url: str, impl: str, seconds: float, rate: float) -> list[float]:
+    producer = aredis.Redis.from_url(url)
+    client = aredis.Redis.from_url(url)
+    stream = f"bench:lat:{impl}"
+    count = max(1, int(seconds * rate))
+    samples: list[float] = []
+    clock = time.perf_counter
+    all_in = anyio.Event()
+
+    async def on_payload(data: Any) -> None:
+        samples.append(clock() - data["t"])
+        if len(samples) >= count:
+            all_in.set()
+
+    async def on_message(msg: Message[Any]) -> None:
+        samples.append(clock() - msg.data["t"])
+        if len(samples) >= count:
+            all_in.set()
+
+    async def produce() -> None:
+        start = anyio.current_time()
+        for i in range(count):
+            await anyio.sleep_until(start + i / rate)
+            data = _encode({"t": clock(), **PAYLOAD})
+            await producer.xadd(stream, {"type": TYPE, "data": data, "metadata": b"{}"})
+
+    try:
+        await client.delete(stream)
+        async with anyio.create_task_group() as tg:
+            if impl == "raw":
+                await client.xgroup_create(stream, GROUP, id="$", mkstream=True)
+                tg.start_soon(
+                    lambda: raw_loop(
+                        client,
+                        stream,
+                        "raw",
+                        on_payload,
+                        block_ms=1000,
+                        until=lambda: len(samples) >= count,
+                    )
+                )
+                await produce()
+                with anyio.fail_after(10):
+                    await all_in.wait()
+            else:
+                consumer = StreamConsumer(client, stream, GROUP, name="rc", start=StartFrom.LATEST)
+                consumer.handler(TYPE)(on_message)
+                async with consumer:
+                    await produce()
+                    with anyio.fail_after(10):
+                        await all_in.wait()
+        await client.delete(stream)
+    finally:
+        await producer.aclose()
+        await client.aclose()
+    # The first few messages include connection set-up and cold code paths.
+    return samples[min(len(samples) // 20, 50) :]
+
+
+async def latency(url: str, seconds: float, rate: float, repeat: int) -> dict[str, Any]:
+    per: dict[str, list[dict[str, float]]] = {"raw": [], "redcurrent": []}
+    for _ in range(repeat):
+        for impl in ("raw", "redcurrent"):
+            s = await _latency_once(url, impl, seconds, rate)
+            per[impl].append(
+                {
+                    "p50_ms": percentile(s, 50) * 1e3,
+                    "p99_ms": percentile(s, 99) * 1e3,
+                    "max_ms": max(s) * 1e3,
+                    "samples": len(s),
+                }
+            )
+    out: dict[str, Any] = {}
+    for impl, runs in per.items():
+        out[impl] = {
+            "rate_per_s": rate,
+            "seconds": seconds,
+            "p50_ms": median([r["p50_ms"] for r in runs]),
+            "p99_ms": median([r["p99_ms"] for r in runs]),
+            "max_ms": max(r["max_ms"] for r in runs),
+            "runs": runs,
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _child(mode: str, url: str, impl: str, stream: str, count: int) -> subprocess.Popen[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), mode, url, impl, stream, str(count)]
+    return subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ)
+    )
+
+
+async def memory(url: str, n: int) -> dict[str, Any]:
+    """Each implementation in its own process over a stream holding all ``n`` entries."""
+    client = aredis.Redis.from_url(url)
+    out: dict[str, Any] = {}
+    try:
+        template = "bench:mem:template"
+        await client.delete(template)
+        await fill_stream(client, template, n)
+        for impl in ("raw", "redcurrent"):
+            stream = f"bench:mem:{impl}"
+            await fresh_copy(client, template, stream)
+            proc = _child("child-memory", url, impl, stream, n)
+            stdout, _ = await anyio.to_thread.run_sync(proc.communicate)
+            if proc.returncode != 0:
+                raise RuntimeError(f"memory child ({impl}) failed with {proc.returncode}")
+            out[impl] = json.loads(stdout.strip().splitlines()[-1])
+            await client.delete(stream)
+        await client.delete(template)
+    finally:
+        await client.aclose()
+    return out
+
+
+class _RssSampler(threading.Thread):
+    def __init__(self, interval: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self._stop_event = threading.Event()
+        self.peak = 0
+        self.samples = 0
+
+    def rss(self) -> int:
+        return int(self._proc.memory_info().rss)
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._interval):
+            self.peak = max(self.peak, self.rss())
+            self.samples += 1
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self.peak = max(self.peak, self.rss())
+
+
+async def _child_memory(url: str, impl: str, stream: str, n: int) -> dict[str, Any]:
+    client = aredis.Redis.from_url(url)
+    await client.ping()
+    sampler = _RssSampler()
+    marks = {int(n * p): f"rss_{int(p * 100)}pct_mb" for p in (0.1, 0.5, 1.0)}
+    at: dict[str, float] = {}
+    seen = 0
+
+    def progress(k: int) -> None:
+        nonlocal seen
+        before, seen = seen, seen + k
+        for mark, key in marks.items():
+            if before < mark <= seen:
+                at[key] = sampler.rss() / 2**20
+
+    async def on_payload(_data: Any) -> None:
+        progress(1)
+
+    async def on_message(_msg: Message[Any]) -> None:
+        progress(1)
+
+    start_rss = sampler.rss() / 2**20
+    sampler.start()
+    started = time.perf_counter()
+    if impl == "raw":
+        await client.xgroup_create(stream, GROUP, id="0")
+        await raw_loop(client, stream, "raw", on_payload, block_ms=1000, until=lambda: seen >= n)
+    else:
+        done = anyio.Event()
+
+        async def on_last(msg: Message[Any]) -> None:
+            await on_message(msg)
+            if seen >= n:
+                done.set()
+
+        consumer = StreamConsumer(client, stream, GROUP, name="rc", start=StartFrom.EARLIEST)
+        consumer.handler(TYPE)(on_last)
+        async with consumer:
+            await done.wait()
+    elapsed = time.perf_counter() - started
+    sampler.stop()
+    await client.aclose()
+    return {
+        "messages": n,
+        "seconds": elapsed,
+        "rss_start_mb": start_rss,
+        **at,
+        "peak_rss_mb": sampler.peak / 2**20,
+        "rss_samples": sampler.samples,
+    }
+
+
+# --------------------------------------------------------------------------- idle
+
+
+async def idle(url: str, seconds: float) -> dict[str, Any]:
+    """Commands/s a consumer sends to an empty stream, and its CPU %."""
+    import psutil
+
+    client = aredis.Redis.from_url(url)
+    out: dict[str, Any] = {}
+
+    async def commands() -> int:
+        info = await client.info("stats")
+        return int(info["total_commands_processed"])
+
+    try:
+        # What one of our own INFO calls adds to the counter.
+        a = await commands()
+        b = await commands()
+        own = b - a
+        for impl in ("raw", "redcurrent"):
+            stream = f"bench:idle:{impl}"
+            await client.delete(stream)
+            proc = _child("child-idle", url, impl, stream, 0)
+            assert proc.stdout is not None
+            assert proc.stdin is not None
+            line = await anyio.to_thread.run_sync(proc.stdout.readline)
+            if line.strip() != "ready":
+                raise RuntimeError(f"idle child ({impl}) did not start: {line!r}")
+            await anyio.sleep(1.0)  # let start-up traffic settle
+            ps = psutil.Process(proc.pid)
+            c0, cpu0, t0 = await commands(), ps.cpu_times(), time.perf_counter()
+            await anyio.sleep(seconds)
+            c1, cpu1, t1 = await commands(), ps.cpu_times(), time.perf_counter()
+            proc.stdin.write("stop\n")
+            proc.stdin.flush()
+            await anyio.to_thread.run_sync(proc.wait)
+            wall = t1 - t0
+            cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+            out[impl] = {
+                "seconds": wall,
+                "commands": c1 - c0 - own,
+                "commands_per_s": (c1 - c0 - own) / wall,
+                "cpu_pct": 100 * cpu / wall,
+            }
+            await client.delete(stream)
+    finally:
+        await client.aclose()
+    return out
+
+
+async def _child_idle(url: str, impl: str, stream: str) -> None:
+    client = aredis.Redis.from_url(url)
+    sink = Sink(1)
+
+    async def wait_for_stop() -> None:
+        await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+
+    if impl == "raw":
+        await client.xgroup_create(stream, GROUP, id="$", mkstream=True)
+        async with anyio.create_task_group() as tg:
+            # BLOCK 4000: redcurrent's default block (5 s) kept within redis-py's
+            # default socket timeout (5 s), as a working raw loop must.
+            tg.start_soon(
+                lambda: raw_loop(
+                    client, stream, "raw", sink.one, block_ms=4000, until=lambda: False
+                )
+            )
+            print("ready", flush=True)
+            await wait_for_stop()
+            tg.cancel_scope.cancel()
+    else:
+        consumer = make_consumer(
+            client, stream, sink, concurrency=16, batch=None, start=StartFrom.LATEST
+        )
+        async with consumer:
+            print("ready", flush=True)
+            await wait_for_stop()
+    await client.aclose()
+
+
+# --------------------------------------------------------------------------- profile
+
+
+async def _profile_target(url: str, n: int, concurrency: int, impl: str) -> float:
+    client = aredis.Redis.from_url(url)
+    try:
+        stream = "bench:profile"
+        await client.delete(stream)
+        await fill_stream(client, stream, n)
+        if impl == "raw":
+            return await _time_raw(client, stream, n)
+        v = Variant("p", "profile", "redcurrent", concurrency)
+        return await _time_redcurrent(client, stream, n, v)
+    finally:
+        await client.aclose()
+
+
+def profile(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="bench_consumer.py profile")
+    parser.add_argument("--count", type=int, default=100_000)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--impl", choices=["redcurrent", "raw"], default="redcurrent")
+    parser.add_argument("--cprofile", action="store_true", help="use cProfile")
+    args = parser.parse_args(argv)
+    with private_redis_url() as url:
+        # Warm up, then profile a second run.
+        asyncio.run(_profile_target(url, 5000, args.concurrency, args.impl))
+        try:
+            if args.cprofile:
+                raise ImportError
+            from pyinstrument import Profiler
+        except ImportError:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            elapsed = asyncio.run(_profile_target(url, args.count, args.concurrency, args.impl))
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        else:
+            profiler = Profiler(interval=0.0002, async_mode="disabled")
+            profiler.start()
+            elapsed = asyncio.run(_profile_target(url, args.count, args.concurrency, args.impl))
+            profiler.stop()
+            print(profiler.output_text(unicode=True, color=False, show_all=False))
+    rate, us = args.count / elapsed, elapsed / args.count * 1e6
+    print(f"{args.impl}: {rate:,.0f} msgs/s ({us:.2f} µs/msg)")
+
+
+def main() -> None:
+    mode = sys.argv[1] if len(sys.argv) > 1 else ""
+    if mode == "child-memory":
+        url, impl, stream, count = sys.argv[2:6]
+        print(json.dumps(asyncio.run(_child_memory(url, impl, stream, int(count)))))
+    elif mode == "child-idle":
+        url, impl, stream, _ = sys.argv[2:6]
+        asyncio.run(_child_idle(url, impl, stream))
+    elif mode == "profile":
+        profile(sys.argv[2:])
+    else:
+        raise SystemExit(
+            "usage: bench_consumer.py profile [--count N] [--concurrency C] [--impl raw]\n"
+            "(run the whole suite with benchmarks/run.py)"
+        )
+
+
+if __name__ == "__main__":
+    main()
