@@ -84,7 +84,14 @@ def entries_of(reply: Any) -> list[Entry]:
     """
     if not reply:
         return []
-    streams: Iterable[Any] = reply.values() if isinstance(reply, dict) else (s[1] for s in reply)
+    if isinstance(reply, dict):
+        # RESP3. redis-py's callback wraps each stream's entries in one more list.
+        streams: Iterable[Any] = (
+            v[0] if v and v[0].__class__ is list and (not v[0] or v[0][0].__class__ is tuple) else v
+            for v in reply.values()
+        )
+    else:
+        streams = (s[1] for s in reply)
     out: list[Entry] = []
     append = out.append
     for entries in streams:
