@@ -175,3 +175,29 @@ async def test_stopped_messages_never_enter_a_batch(redis_client: aredis.Redis, 
         await topic.resume_message(ids[2])
         await until(lambda: sum(map(len, batches)) == 6)
     assert sorted(i for batch in batches for i in batch) == sorted(ids)
+
+
+async def test_deliveries_while_stopped_do_not_count_towards_max_deliveries(
+    redis_client: aredis.Redis,
+) -> None:
+    topic = Topic(redis_client, "ctl")
+    msg_id = await topic.publish("job", {})
+    await topic.stop_message(msg_id)
+    seen: list[int] = []
+    for run in range(4):  # every restart re-delivers the stopped message to worker-1
+        consumer = StreamConsumer(
+            redis_client, "ctl", "g", "worker-1", start=StartFrom.EARLIEST, max_deliveries=2, **FAST
+        )
+
+        @consumer.handler("job")
+        async def handle(msg: Message[Any]) -> None:
+            seen.append(msg.delivery_count)
+
+        async with consumer:
+            await until(lambda consumer=consumer: consumer.stats.received == 1)
+            if run == 3:
+                await topic.resume_message(msg_id)
+                await until(lambda: len(seen) == 1)
+    assert seen == [4]  # delivered four times in all, handled once, not dead-lettered
+    assert await redis_client.xlen(topic.keys.dead_letters) == 0
+    assert (await redis_client.xpending("ctl", "g"))["pending"] == 0

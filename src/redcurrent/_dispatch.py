@@ -96,6 +96,8 @@ class Dispatcher:
         self.lost: set[bytes] = set()
         #: stopped messages held aside until resumed.
         self.parked: dict[bytes, Item] = {}
+        #: resumed messages: deliveries made while they were stopped do not count.
+        self.resumed: set[bytes] = set()
         self.closing = False
         self._work = anyio.Event()
         self._space = anyio.Event()
@@ -159,6 +161,8 @@ class Dispatcher:
     def _release(self, raw_id: bytes) -> None:
         held = self.held
         held.discard(raw_id)
+        if self.resumed:
+            self.resumed.discard(raw_id)
         if self._space_wanted and len(held) <= self.prefetch // 2:
             self._space_wanted = False
             self._space.set()
@@ -186,6 +190,7 @@ class Dispatcher:
     def resume(self, entry_id: str) -> None:
         item = self.parked.pop(entry_id.encode(), None)
         if item is not None and not self.closing:
+            self.resumed.add(item[0])
             self._route(item, front=True)
 
     # -- workers ------------------------------------------------------------
@@ -284,7 +289,7 @@ class Dispatcher:
             route = route or self.router.get(message_type)
             if route is None:
                 raise NoHandlerError(entry_id, message_type)
-            if count > self.max_deliveries:
+            if count > self.max_deliveries and raw_id not in self.resumed:
                 reason = f"delivered {count} times, more than max_deliveries={self.max_deliveries}"
                 logger.error("message %s %s; moving it to the dead letters", entry_id, reason)
                 return None, None, (reason, "MaxDeliveriesExceeded")
