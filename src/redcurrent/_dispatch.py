@@ -217,7 +217,11 @@ class Dispatcher:
         items = [current] if isinstance(current, tuple) else current.items
         for item in items:
             if self.is_stopped(item[0].decode()):
-                logger.info("message %s stopped while running; kept pending", item[0].decode())
+                logger.info(
+                    "message %s stopped while running; kept pending",
+                    item[0].decode(),
+                    extra={"message_id": item[0].decode()},
+                )
                 self.parked[item[0]] = item
             else:
                 self._route(item, front=True)
@@ -277,7 +281,9 @@ class Dispatcher:
             return None, None, None
         if not fields:
             logger.warning(
-                "entry %s was deleted from the stream while pending; acknowledging", entry_id
+                "entry %s was deleted from the stream while pending; acknowledging",
+                entry_id,
+                extra={"message_id": entry_id},
             )
             self._settle(raw_id)
             return None, None, None
@@ -291,11 +297,16 @@ class Dispatcher:
                 raise NoHandlerError(entry_id, message_type)
             if count > self.max_deliveries and raw_id not in self.resumed:
                 reason = f"delivered {count} times, more than max_deliveries={self.max_deliveries}"
-                logger.error("message %s %s; moving it to the dead letters", entry_id, reason)
+                logger.error(
+                    "message %s %s; moving it to the dead letters",
+                    entry_id,
+                    reason,
+                    extra={"message_id": entry_id},
+                )
                 return None, None, (reason, "MaxDeliveriesExceeded")
             msg = decode_message(entry_id, fields, self.stream, route.decoder, count, message_type)
         except (DecodeError, NoHandlerError) as exc:
-            logger.error("%s; moving it to the dead letters", exc)
+            logger.error("%s; moving it to the dead letters", exc, extra={"message_id": entry_id})
             return None, None, (str(exc), type(exc).__name__)
         return msg, route, None
 
@@ -318,6 +329,7 @@ class Dispatcher:
                 type(exc).__name__,
                 exc,
                 exc_info=exc,
+                extra={"message_id": raw_id.decode()},
             )
             await self._bury(item, f"{type(exc).__name__}: {exc}", type(exc).__name__)
         else:
@@ -331,6 +343,7 @@ class Dispatcher:
                 type(exc).__name__,
                 exc,
                 exc_info=exc if count == 1 else None,  # the traceback once, not per retry
+                extra={"message_id": raw_id.decode()},
             )
             self._release(raw_id)
 
