@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from ._backoff import Backoff, Outage
 from ._errors import Fault, classify, is_busygroup
-from ._redis import AnyRedis
+from ._redis import AnyRedis, as_str
 from .errors import TopicGoneError
 from .keys import TopicKeys
 
@@ -61,6 +61,19 @@ class GroupMember:
             if self.outage.ongoing:
                 self.outage.recovered()
             return result
+
+    async def server_version(self) -> tuple[int, ...] | None:
+        """``redis_version`` of the server (Valkey reports its compatibility
+        level), or None when it cannot be read (a cluster, a proxy)."""
+        try:
+            info = await self.call("INFO", lambda: self.redis.info("server"))
+        except Exception:  # only used to pick a fallback: never worth a stop
+            return None
+        version = info.get("redis_version") if isinstance(info, dict) else None
+        if not isinstance(version, str | bytes):
+            return None
+        parts = as_str(version).split(".")
+        return tuple(int(p) for p in parts if p.isdigit())
 
     async def create_group(self, start: str) -> bool:
         """Create the group at ``start`` (and the stream if missing); False if
