@@ -201,3 +201,26 @@ async def test_deliveries_while_stopped_do_not_count_towards_max_deliveries(
     assert seen == [4]  # delivered four times in all, handled once, not dead-lettered
     assert await redis_client.xlen(topic.keys.dead_letters) == 0
     assert (await redis_client.xpending("ctl", "g"))["pending"] == 0
+
+
+async def test_a_cancelled_host_still_gets_its_handled_messages_acked(
+    redis_client: aredis.Redis,
+) -> None:
+    topic = Topic(redis_client, "ctl")
+    await topic.publish_many([("job", {}) for _ in range(50)])
+    consumer = StreamConsumer(redis_client, "ctl", "g", start=StartFrom.EARLIEST, **FAST)
+    seen: list[str] = []
+    host = anyio.CancelScope()
+
+    @consumer.handler("job")
+    async def handle(msg: Message[Any]) -> None:
+        seen.append(msg.id)
+        if len(seen) == 50:
+            host.cancel()  # e.g. the app's lifespan cancelled: acks are still in the buffer
+
+    with host:
+        async with consumer:
+            await anyio.sleep_forever()
+    assert await consumer.done() is StopReason.STOPPED
+    assert len(seen) == 50
+    assert (await redis_client.xpending("ctl", "g"))["pending"] == 0

@@ -356,11 +356,13 @@ class StreamConsumer:
             self._batcher = Batcher(self.batch, dispatcher.enqueue_batch)
             dispatcher.batcher = self._batcher
         self._dispatcher = dispatcher
+        started = False
         try:
             await self._create_group()
             await self._fit_block_to_server()
             async with anyio.create_task_group() as services:
-                await services.start(control.run)
+                await services.start(self._listen_for_control, control)
+                started = True
                 task_status.started()
                 self._services = services
                 services.start_soon(self._guard, acker.run)
@@ -376,14 +378,25 @@ class StreamConsumer:
                     services.start_soon(self._guard, cleaner.run)
                 if self._stop_reason is not None:  # stopped before it got going
                     self.request_stop(self._stop_reason, self._error)
-                with anyio.CancelScope() as self._work_scope:
-                    async with anyio.create_task_group() as work:
-                        for _ in range(self.concurrency):
-                            work.start_soon(self._guard, dispatcher.worker)
-                        work.start_soon(self._feed, dispatcher)
-                await self._final_flush(acker, lease)
+                try:
+                    with anyio.CancelScope() as self._work_scope:
+                        async with anyio.create_task_group() as work:
+                            for _ in range(self.concurrency):
+                                work.start_soon(self._guard, dispatcher.worker)
+                            work.start_soon(self._feed, dispatcher)
+                finally:
+                    # Also when the host cancels us: what was handled gets acked.
+                    await self._final_flush(acker, lease)
                 self._services = None
                 services.cancel_scope.cancel()
+        except Exception as exc:
+            if not started:
+                raise  # from __aenter__: the caller sees why it could not start
+            # Never let a failure escape into the host's task group, where it
+            # would cancel the code running inside ``async with consumer``.
+            logger.exception("%s: unrecoverable error; stopped", self)
+            self._stop_reason = self._stop_reason or StopReason.FAILED
+            self._error = self._error or exc
         finally:
             if self._stop_reason is None:
                 self._stop_reason = StopReason.STOPPED
@@ -392,6 +405,19 @@ class StreamConsumer:
                     await self._redis.connection_pool.disconnect()
             logger.info("%s stopped: %s", self, self._stop_reason.value)
             self._done.set()
+
+    async def _listen_for_control(
+        self, control: ControlListener, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        """The control listener, failing like the other loops once it has
+        started (before that, its error is the consumer's start-up error)."""
+        try:
+            await control.run(task_status=task_status)
+        except Exception as exc:
+            if self._services is None:
+                raise  # before start-up completed
+            logger.exception("%s: the control listener failed; stopping", self)
+            self.request_stop(StopReason.FAILED, exc, hard=True)
 
     async def _fit_block_to_server(self) -> None:
         """Before Redis 7.0 a blocked XREADGROUP is not woken when its stream is
