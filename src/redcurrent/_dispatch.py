@@ -153,9 +153,12 @@ class Dispatcher:
     async def wait_for_space(self) -> int:
         """How many more entries may be taken; waits while the buffer is full."""
         while (free := self.prefetch - len(self.held)) <= 0:
+            if self._space.is_set():
+                # The reader and the claimer may both wait: they must share
+                # one event, so a set one is replaced only here, once.
+                self._space = anyio.Event()
             self._space_wanted = True
             await self._space.wait()
-            self._space = anyio.Event()
         return free
 
     def _release(self, raw_id: bytes) -> None:
