@@ -7,12 +7,11 @@ hundreds of ids. Workers only append to a list; one task sends them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 
-from ._redis import AnyRedis
+from ._member import GroupMember
 
 __all__ = ["Acker"]
 
@@ -21,36 +20,13 @@ MAX_IDS_PER_ACK = 2000
 
 
 class Acker:
-    """Collects handled ids and acknowledges them in batches.
+    """Collects handled ids and acknowledges them in batches, through the
+    member's retrying call (transient faults wait, a vanished group raises)."""
 
-    ``call`` is the consumer's retrying wrapper around a Redis call: it
-    retries transient faults and raises when the stream or group is gone.
-    """
+    __slots__ = ("_delay", "_ids", "_lock", "_member", "_wake", "acked")
 
-    __slots__ = (
-        "_call",
-        "_delay",
-        "_group",
-        "_ids",
-        "_lock",
-        "_redis",
-        "_stream",
-        "_wake",
-        "acked",
-    )
-
-    def __init__(
-        self,
-        redis: AnyRedis,
-        stream: str,
-        group: str,
-        call: Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]],
-        delay: float = 0.002,
-    ) -> None:
-        self._redis = redis
-        self._stream = stream
-        self._group = group
-        self._call = call
+    def __init__(self, member: GroupMember, delay: float = 0.002) -> None:
+        self._member = member
         self._delay = delay
         self._ids: list[bytes] = []
         self._wake = anyio.Event()
@@ -85,11 +61,12 @@ class Acker:
                 batch = self._ids[:MAX_IDS_PER_ACK]
                 del self._ids[:MAX_IDS_PER_ACK]
                 try:
-                    await self._call("XACK", functools.partial(self._xack, batch))
+                    await self._member.call("XACK", functools.partial(self._xack, batch))
                 except BaseException:
                     self._ids[:0] = batch
                     raise
                 self.acked += len(batch)
 
     async def _xack(self, batch: list[bytes]) -> Any:
-        return await self._redis.execute_command("XACK", self._stream, self._group, *batch)
+        member = self._member
+        return await member.redis.execute_command("XACK", member.stream, member.group, *batch)

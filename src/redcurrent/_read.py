@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
-
 from ._dispatch import Dispatcher
-from ._redis import AnyRedis, entries_of, raw_reply_client
+from ._member import GroupMember
+from ._redis import entries_of, raw_reply_client
 
 __all__ = ["Reader"]
-
-Call = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
 
 class Reader:
@@ -18,24 +14,15 @@ class Reader:
     command per ``block`` seconds."""
 
     def __init__(
-        self,
-        redis: AnyRedis,
-        stream: str,
-        group: str,
-        consumer: str,
-        dispatcher: Dispatcher,
-        call: Call,
-        *,
-        block: float,
-        count: int,
+        self, member: GroupMember, dispatcher: Dispatcher, *, block: float, count: int
     ) -> None:
         # Replies come back as the parser's lists: entries_of builds the dicts once.
-        self._redis = raw_reply_client(redis, "XREADGROUP")
+        self._redis = raw_reply_client(member.redis, "XREADGROUP")
         self._dispatcher = dispatcher
-        self._call = call
+        self._call = member.call
         self._count = count
-        self._args_head = ("XREADGROUP", "GROUP", group, consumer, "COUNT")
-        self._args_tail = ("BLOCK", max(1, int(block * 1000)), "STREAMS", stream, ">")
+        self._args_head = ("XREADGROUP", "GROUP", member.group, member.name, "COUNT")
+        self._args_tail = ("BLOCK", max(1, int(block * 1000)), "STREAMS", member.stream, ">")
 
     async def run(self) -> None:
         dispatcher = self._dispatcher

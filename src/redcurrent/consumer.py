@@ -333,7 +333,7 @@ class StreamConsumer:
         redis = self._redis
         member = self._member
         dead = DeadLetterWriter(redis, self.keys, self.group, self.name, call=member.call)
-        self._acker = acker = Acker(redis, self.stream, self.group, member.call)
+        self._acker = acker = Acker(member)
         self._control = control = ControlListener(
             redis,
             self.keys,
@@ -465,16 +465,7 @@ class StreamConsumer:
                 claim_idle=self.claim_idle,
                 interval=max(0.05, self.claim_idle / 2),
             )
-            reader = Reader(
-                self._redis,
-                self.stream,
-                self.group,
-                self.name,
-                dispatcher,
-                member.call,
-                block=self._block,
-                count=min(500, self.prefetch),
-            )
+            reader = Reader(member, dispatcher, block=self._block, count=min(500, self.prefetch))
             await self._guard(recover_own_pending, member, dispatcher)
             async with anyio.create_task_group() as feeders:
                 feeders.start_soon(self._guard, claimer.run)
