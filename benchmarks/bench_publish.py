@@ -40,20 +40,15 @@ import redis
 import redis.asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import PAYLOAD, TYPE
 
 import redcurrent
 from redcurrent import Topic
 
 STREAM = "bench:publish"
 CHUNK = 500
-PAYLOAD: dict[str, Any] = {
-    "user_id": 123456,
-    "action": "checkout",
-    "amount": 42.5,
-    "currency": "EUR",
-    "items": ["sku-1", "sku-2"],
-}
-TYPE = "order.created"
 
 
 async def bench_publish_many(client: redis.asyncio.Redis, count: int) -> None:

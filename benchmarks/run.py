@@ -8,7 +8,8 @@ Usage::
 
 Runs against a private ``redis-server`` (started through
 ``redcurrent.testing.redis_url_for_demo()``; ``REDIS_URL`` and Docker are ignored) and
-writes ``benchmarks/results/latest.md``, ``latest.json`` and ``throughput.png``.
+writes ``benchmarks/results/latest.md``, ``latest.json`` and ``throughput.png``
+(``--quick``: ``quick.md``, ``quick.json``, ``quick-throughput.png``, git-ignored).
 Targets are printed as PASS/MISS; a MISS does not fail the run (benchmarks are not
 tests), only an error does.
 """
@@ -362,14 +363,17 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(res)
-    (out / "latest.md").write_text(text)
-    (out / "latest.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-    drew = chart(res, out / "throughput.png")
+    # A quick run never overwrites the published figures of a full one.
+    stem = "quick" if quick else "latest"
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    chart_name = "quick-throughput.png" if quick else "throughput.png"
+    drew = chart(res, out / chart_name)
     print()
     print(text)
     for t in res["targets"]:
         print(f"{'PASS' if t['pass'] else 'MISS'}  {t['target']}: {t['value']:.2f} ({t['goal']})")
-    written = ["latest.md", "latest.json"] + (["throughput.png"] if drew else [])
+    written = [f"{stem}.md", f"{stem}.json"] + ([chart_name] if drew else [])
     print(f"\nwrote {', '.join(str(out / w) for w in written)} in {res['meta']['seconds']:.1f}s")
     return 0
 

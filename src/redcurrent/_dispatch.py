@@ -321,33 +321,23 @@ class Dispatcher:
         """The one place that decides between a later retry and a dead letter."""
         raw_id, _, count = item
         self.counters.failed += 1
-        if count >= self.max_deliveries:
-            logger.error(
-                "handler %s failed on message %s (delivery %d of %d): %s: %s; "
-                "moving it to the dead letters",
-                route.name,
-                raw_id.decode(),
-                count,
-                self.max_deliveries,
-                type(exc).__name__,
-                exc,
-                exc_info=exc,
-                extra={"message_id": raw_id.decode()},
-            )
+        final = count >= self.max_deliveries
+        logger.log(
+            logging.ERROR if final else logging.WARNING,
+            "handler %s failed on message %s (delivery %d of %d): %s: %s; %s",
+            route.name,
+            raw_id.decode(),
+            count,
+            self.max_deliveries,
+            type(exc).__name__,
+            exc,
+            "moving it to the dead letters" if final else "it stays pending for a retry",
+            exc_info=exc if final or count == 1 else None,  # the traceback once per message
+            extra={"message_id": raw_id.decode()},
+        )
+        if final:
             await self._bury(item, f"{type(exc).__name__}: {exc}", type(exc).__name__)
         else:
-            logger.warning(
-                "handler %s failed on message %s (delivery %d of %d): %s: %s; "
-                "it stays pending for a retry",
-                route.name,
-                raw_id.decode(),
-                count,
-                self.max_deliveries,
-                type(exc).__name__,
-                exc,
-                exc_info=exc if count == 1 else None,  # the traceback once, not per retry
-                extra={"message_id": raw_id.decode()},
-            )
             self._release(raw_id)
 
     async def _bury(self, item: Item, reason: str, error_type: str) -> None:
