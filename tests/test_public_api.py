@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import pickle
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,27 @@ def test_py_typed_ships() -> None:
     package_dir = Path(redcurrent.__file__).parent
     marker = package_dir / "py.typed"
     assert marker.is_file()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redcurrent.DecodeError("1-0", "bad"),
+        redcurrent.ValidationError("1-0", "bad"),
+        redcurrent.NoHandlerError("1-0", "email"),
+        redcurrent.BatchError(["1-0"], "one failed"),
+        redcurrent.TopicGoneError("orders", "NOGROUP", terminated=True),
+        redcurrent.ConfigurationError("bad option"),
+    ],
+)
+def test_errors_survive_pickling(error: redcurrent.RedcurrentError) -> None:
+    # They cross process boundaries (worker pools, multiprocessing logs).
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert str(copy) == str(error)
+    assert vars(copy) == vars(error)
+
+
+def test_public_names_show_the_package_module() -> None:
+    assert redcurrent.StreamConsumer.__module__ == "redcurrent"
+    assert repr(redcurrent.StopReason.STOPPED) == "<StopReason.STOPPED: 'stopped'>"

@@ -54,3 +54,11 @@ __all__ = [
     "ValidationError",
     "__version__",
 ]
+
+# Show ``redcurrent.X`` in reprs, tracebacks and docs rather than the private
+# module each name lives in; every name here is importable from this package.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) and _obj.__module__.startswith(f"{__name__}."):
+        _obj.__module__ = __name__
+del _name, _obj

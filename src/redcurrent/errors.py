@@ -21,6 +21,7 @@ place that decides which server errors mean what.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
     "BatchError",
@@ -58,6 +59,9 @@ class DecodeError(RedcurrentError):
         self.reason = reason
         super().__init__(f"entry {entry_id}: {reason}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.entry_id, self.reason))
+
 
 class ValidationError(DecodeError):
     """The payload decoded as JSON but does not match the handler's model."""
@@ -71,6 +75,9 @@ class NoHandlerError(RedcurrentError):
         self.message_type = message_type
         super().__init__(f"entry {entry_id}: no handler for type {message_type!r}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.entry_id, self.message_type))
+
 
 class BatchError(RedcurrentError):
     """Raised by a batch handler when only some messages of a batch failed.
@@ -83,6 +90,9 @@ class BatchError(RedcurrentError):
         self.failed_ids = frozenset(failed_ids)
         super().__init__(message or f"{len(self.failed_ids)} message(s) of the batch failed")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.failed_ids, str(self)))
+
 
 class TopicGoneError(RedcurrentError):
     """The stream or its consumer group vanished while it was in use."""
@@ -92,3 +102,6 @@ class TopicGoneError(RedcurrentError):
         self.detail = detail
         self.terminated = terminated
         super().__init__(f"stream {stream!r}: {detail}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.stream, self.detail), {"terminated": self.terminated})
