@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aredis
 
 from helpers import wait_until as until
-from redcurrent import Message, StartFrom, StopReason, Topic
+from redcurrent import ConfigurationError, Message, StartFrom, StopReason, Topic
 from redcurrent.consumer import StreamConsumer
 
 FAST: dict[str, Any] = {"claim_idle": 0.5, "block": 0.2, "shutdown_timeout": 1.0}
@@ -224,3 +224,23 @@ async def test_a_cancelled_host_still_gets_its_handled_messages_acked(
     assert await consumer.done() is StopReason.STOPPED
     assert len(seen) == 50
     assert (await redis_client.xpending("ctl", "g"))["pending"] == 0
+
+
+async def test_clear_errors_for_a_sync_handler_and_a_key_that_is_not_a_stream(
+    redis_client: aredis.Redis,
+) -> None:
+    consumer = StreamConsumer(redis_client, "ctl", "g")
+
+    def not_async(msg: Message[Any]) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="must be an async function"):
+        consumer.handler("job")(not_async)
+
+    await redis_client.set("plain", "x")
+    consumer = StreamConsumer(redis_client, "plain", "g")
+    recording(consumer, [])
+    with pytest.raises(ConfigurationError, match="is not a stream"):
+        async with consumer:
+            pass
+    assert await redis_client.get("plain") == b"x"

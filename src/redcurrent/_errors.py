@@ -10,7 +10,7 @@ import enum
 
 from redis import exceptions as rex
 
-__all__ = ["Fault", "classify", "is_busygroup"]
+__all__ = ["Fault", "classify", "is_busygroup", "is_wrongtype"]
 
 
 class Fault(enum.Enum):
@@ -73,3 +73,8 @@ def classify(exc: BaseException) -> Fault:
 
 def is_busygroup(exc: BaseException) -> bool:
     return isinstance(exc, rex.ResponseError) and str(exc).startswith("BUSYGROUP")
+
+
+def is_wrongtype(exc: BaseException) -> bool:
+    """The key holds another type than the command needs (e.g. not a stream)."""
+    return isinstance(exc, rex.ResponseError) and str(exc).startswith("WRONGTYPE")

@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from ._backoff import Backoff, Outage
-from ._errors import Fault, classify, is_busygroup
+from ._errors import Fault, classify, is_busygroup, is_wrongtype
 from ._redis import AnyRedis, as_str
-from .errors import TopicGoneError
+from .errors import ConfigurationError, TopicGoneError
 from .keys import TopicKeys
 
 __all__ = ["GroupMember"]
@@ -86,7 +86,11 @@ class GroupMember:
                 ),
             )
         except Exception as exc:
-            if not is_busygroup(exc):
-                raise
-            return False
+            if is_busygroup(exc):
+                return False
+            if is_wrongtype(exc):
+                raise ConfigurationError(
+                    f"key {self.stream!r} exists and is not a stream: {exc}"
+                ) from exc
+            raise
         return True

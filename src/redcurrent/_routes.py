@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -80,6 +81,11 @@ class Router:
             raise ConfigurationError(f"message type must be a non-empty str, got {message_type!r}")
         if not callable(fn):
             raise ConfigurationError(f"handler for {message_type!r} is not callable: {fn!r}")
+        if inspect.isfunction(fn) and not inspect.iscoroutinefunction(fn):
+            raise ConfigurationError(
+                f"handler {fn.__qualname__} for {message_type!r} must be an async function "
+                "(async def); run blocking work with anyio.to_thread.run_sync inside it"
+            )
         if size is not None and size < 1:
             raise ConfigurationError(f"batch size for {message_type!r} must be >= 1, got {size}")
         if timeout is not None and timeout <= 0:

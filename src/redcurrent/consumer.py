@@ -10,6 +10,7 @@ which retries transient faults and turns a vanished stream into a stop.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -249,9 +250,12 @@ class StreamConsumer:
         await tg.__aenter__()
         try:
             await tg.start(self._main)
-        except BaseException as exc:
+        except BaseException:
+            # The start-up error itself is what the caller should see, not
+            # the task group's wrapping of it.
             tg.cancel_scope.cancel()
-            await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            with contextlib.suppress(BaseException):
+                await tg.__aexit__(None, None, None)
             raise
         self._tg = tg
         return self
