@@ -134,6 +134,7 @@ class StreamConsumer:
         self.concurrency = concurrency
         self.max_deliveries = max_deliveries
         self.prefetch = prefetch or max(4 * concurrency, 256)
+        self._prefetch_given = prefetch is not None
         self.batch = batch or BatchConfig()
         self.cleanup = cleanup
         self.shutdown_timeout = shutdown_timeout
@@ -453,9 +454,15 @@ class StreamConsumer:
 
     def _effective_prefetch(self) -> int:
         """Room for a few full batches besides the single messages: a batch
-        can only fill from what the consumer may hold."""
+        can only fill from what the consumer may hold. Batch handlers are there
+        for throughput, so by default they also get room to read ahead."""
         sizes = [r.size or self.batch.size for r in self._router.routes.values() if r.batch]
-        return max(self.prefetch, 4 * max(sizes, default=0))
+        if not sizes:
+            return self.prefetch
+        floor = 4 * max(sizes)
+        if not self._prefetch_given:
+            floor = max(floor, _BATCH_PREFETCH)
+        return max(self.prefetch, floor)
 
     async def _feed(self, dispatcher: Dispatcher) -> None:
         """Own pending first, then claims and new entries side by side."""
@@ -469,7 +476,9 @@ class StreamConsumer:
                 claim_idle=self.claim_idle,
                 interval=max(0.05, self.claim_idle / 2),
             )
-            reader = Reader(member, dispatcher, block=self._block, count=min(500, self.prefetch))
+            reader = Reader(
+                member, dispatcher, block=self._block, count=min(500, dispatcher.prefetch)
+            )
             await self._guard(recover_own_pending, member, dispatcher)
             async with anyio.create_task_group() as feeders:
                 feeders.start_soon(self._guard, claimer.run)
@@ -529,6 +538,7 @@ class StreamConsumer:
 
 _UNSET = object()
 _PRE_7_BLOCK = 0.6
+_BATCH_PREFETCH = 1024
 
 
 def _block_within_socket_timeout(redis: AnyRedis, block: float) -> float:
