@@ -74,9 +74,10 @@ class StreamConsumer:
     - ``concurrency`` (16): the most handlers running at once.
     - ``max_deliveries`` (5): deliveries before a failing message becomes a
       dead letter.
-    - ``prefetch`` (``max(4 * concurrency, 256)``): the most entries held in
-      memory (running plus waiting); bounds memory and how much one consumer
-      takes from its peers.
+    - ``prefetch`` (``max(4 * concurrency, 256)``; with batch handlers at
+      least ``max(4 * largest batch, 1024)``): the most entries held in memory
+      (running plus waiting); bounds memory and how much one consumer takes
+      from its peers.
     - ``batch``: defaults for batch handlers (:class:`BatchConfig`).
     - ``cleanup``: a :class:`CleanupPolicy` with ``auto=True`` makes this
       consumer take part in trimming processed entries.
