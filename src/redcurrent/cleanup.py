@@ -458,7 +458,7 @@ class AutoCleaner:
                 if not more or not await keep_going():
                     break
         finally:
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
                 try:
                     await self._release(keys=[keys.cleanup_lock], args=[self.owner])
                 except Exception as exc:  # the lock expires by itself
