@@ -198,7 +198,8 @@ async def test_deliveries_while_stopped_do_not_count_towards_max_deliveries(
             if run == 3:
                 await topic.resume_message(msg_id)
                 await until(lambda: len(seen) == 1)
-    assert seen == [4]  # delivered four times in all, handled once, not dead-lettered
+    # Delivered four times in all, but only the one after the resume counts.
+    assert seen == [1]
     assert await redis_client.xlen(topic.keys.dead_letters) == 0
     assert (await redis_client.xpending("ctl", "g"))["pending"] == 0
 
@@ -244,3 +245,37 @@ async def test_clear_errors_for_a_sync_handler_and_a_key_that_is_not_a_stream(
         async with consumer:
             pass
     assert await redis_client.get("plain") == b"x"
+
+
+async def test_stopped_deliveries_are_not_counted_even_across_processes(
+    redis_client: aredis.Redis,
+) -> None:
+    """The counter in the pending list itself is taken back, so a consumer in
+    another process that claims the message later sees the true count."""
+    topic = Topic(redis_client, "ctl")
+    msg_id = await topic.publish("job", {})
+    await topic.stop_message(msg_id)
+    first = StreamConsumer(redis_client, "ctl", "g", "first", start=StartFrom.EARLIEST, **FAST)
+    recording(first, [])
+    async with first:
+        await until(lambda: first.stats.received == 1)
+        await until(lambda: _deliveries(redis_client, msg_id, expected=0))
+        first.request_stop(hard=True)  # like a crash: nothing handed back
+    # A second consumer claims it after claim_idle (+1), parks it again (-1).
+    seen: list[int] = []
+    second = StreamConsumer(redis_client, "ctl", "g", "second", max_deliveries=1, **FAST)
+
+    @second.handler("job")
+    async def handle(msg: Message[Any]) -> None:
+        seen.append(msg.delivery_count)
+
+    async with second:
+        await until(lambda: second.stats.claimed == 1, timeout=5.0)
+        await topic.resume_message(msg_id)
+        await until(lambda: seen == [1])
+    assert await redis_client.xlen(topic.keys.dead_letters) == 0
+
+
+async def _deliveries(client: aredis.Redis, msg_id: str, *, expected: int) -> bool:
+    rows = await client.xpending_range("ctl", "g", msg_id, msg_id, 1)
+    return bool(rows) and rows[0]["times_delivered"] == expected

@@ -98,6 +98,9 @@ class Dispatcher:
         self.parked: dict[bytes, Item] = {}
         #: resumed messages: deliveries made while they were stopped do not count.
         self.resumed: set[bytes] = set()
+        #: delivery counters to write back to the PEL (see ``_lease.Recounter``).
+        self.recount: dict[bytes, int] = {}
+        self.recount_wanted = anyio.Event()
         self.closing = False
         self._work = anyio.Event()
         self._space = anyio.Event()
@@ -139,7 +142,7 @@ class Dispatcher:
             else:
                 self.queue.append(item)
         elif self.is_stopped(item[0].decode()):
-            self.parked[item[0]] = item  # stopped messages never enter a batch
+            self._set_aside(item)  # stopped messages never enter a batch
         else:
             assert self.batcher is not None
             self.batcher.add(route, item)
@@ -190,11 +193,22 @@ class Dispatcher:
                 return True
         return False
 
+    def _set_aside(self, item: Item) -> None:
+        """Park a stopped message, taking back the delivery that brought it:
+        deliveries while stopped do not count towards ``max_deliveries``."""
+        self.parked[item[0]] = item
+        self._recount(item[0], item[2] - 1)
+
     def resume(self, entry_id: str) -> None:
         item = self.parked.pop(entry_id.encode(), None)
         if item is not None and not self.closing:
             self.resumed.add(item[0])
+            self._recount(item[0], item[2])  # this delivery counts again
             self._route(item, front=True)
+
+    def _recount(self, raw_id: bytes, count: int) -> None:
+        self.recount[raw_id] = max(0, count)
+        self.recount_wanted.set()
 
     # -- workers ------------------------------------------------------------
     async def worker(self) -> None:
@@ -225,7 +239,7 @@ class Dispatcher:
                     item[0].decode(),
                     extra={"message_id": item[0].decode()},
                 )
-                self.parked[item[0]] = item
+                self._set_aside(item)
             else:
                 self._route(item, front=True)
 
@@ -280,7 +294,7 @@ class Dispatcher:
             return None, None, None
         entry_id = raw_id.decode()
         if self.is_stopped(entry_id):
-            self.parked[raw_id] = item
+            self._set_aside(item)
             return None, None, None
         if not fields:
             logger.warning(

@@ -16,9 +16,9 @@ import anyio
 
 from ._dispatch import Dispatcher
 from ._member import GroupMember
-from ._scripts import REFRESH_LEASE
+from ._scripts import REFRESH_LEASE, SET_DELIVERY_COUNTS
 
-__all__ = ["LeaseKeeper"]
+__all__ = ["LeaseKeeper", "Recounter"]
 
 logger = logging.getLogger("redcurrent.consumer")
 
@@ -77,3 +77,31 @@ class LeaseKeeper:
             dispatcher.parked.pop(raw_id, None)
             dispatcher.lost.add(raw_id)
             dispatcher.held.discard(raw_id)
+
+
+class Recounter:
+    """Writes delivery counters back to the PEL for stopped and resumed
+    messages, soon after the dispatcher asks (see ``Dispatcher._set_aside``)."""
+
+    def __init__(self, member: GroupMember, dispatcher: Dispatcher) -> None:
+        self._script = member.redis.register_script(SET_DELIVERY_COUNTS)
+        self._member = member
+        self._dispatcher = dispatcher
+
+    async def run(self) -> None:
+        while True:
+            await self._dispatcher.recount_wanted.wait()
+            self._dispatcher.recount_wanted = anyio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        dispatcher, member = self._dispatcher, self._member
+        while dispatcher.recount:
+            pairs, dispatcher.recount = dispatcher.recount, {}
+            args: list[bytes | str | int] = [member.group, member.name]
+            for raw_id, count in pairs.items():
+                args += (raw_id, count)
+            await member.call(
+                "delivery count",
+                functools.partial(self._script, keys=[member.stream], args=args),
+            )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "SET_DELIVERY_COUNTS",
     "PUBLISH_MANY",
     "DEAD_LETTER",
     "DEAD_LETTER_FIELD_PREFIX",
@@ -127,4 +128,21 @@ else
   end
 end
 return ids
+"""
+
+# KEYS: stream. ARGV: group, consumer, then (entry id, delivery count) pairs.
+# Sets the delivery counter of entries this consumer still owns: deliveries
+# made while a message was stopped are taken back, so that they never count
+# towards max_deliveries, wherever the message is delivered next.
+SET_DELIVERY_COUNTS: Final = """
+local done = 0
+for i = 3, #ARGV, 2 do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i],
+               'RETRYCOUNT', ARGV[i + 1], 'JUSTID')
+    done = done + 1
+  end
+end
+return done
 """

@@ -31,7 +31,7 @@ from ._claim import Claimer, recover_own_pending
 from ._dead import DeadLetterWriter
 from ._dispatch import Counters, Dispatcher
 from ._housekeeping import prune_idle_consumers
-from ._lease import LeaseKeeper
+from ._lease import LeaseKeeper, Recounter
 from ._member import GroupMember
 from ._read import Reader
 from ._redis import AnyRedis, bytes_client
@@ -374,6 +374,8 @@ class StreamConsumer:
                 services.start_soon(self._guard, acker.run)
                 lease = LeaseKeeper(member, dispatcher, interval=self.claim_idle / 3)
                 services.start_soon(self._guard, lease.run)
+                recounter = Recounter(member, dispatcher)
+                services.start_soon(self._guard, recounter.run)
                 services.start_soon(
                     self._guard, prune_idle_consumers, member, self.consumer_idle_timeout
                 )
@@ -392,7 +394,7 @@ class StreamConsumer:
                             work.start_soon(self._feed, dispatcher)
                 finally:
                     # Also when the host cancels us: what was handled gets acked.
-                    await self._final_flush(acker, lease)
+                    await self._final_flush(acker, lease, recounter)
                 self._services = None
                 services.cancel_scope.cancel()
         except Exception as exc:
@@ -485,7 +487,7 @@ class StreamConsumer:
                 feeders.start_soon(self._guard, claimer.run)
                 feeders.start_soon(self._guard, reader.run)
 
-    async def _final_flush(self, acker: Acker, lease: LeaseKeeper) -> None:
+    async def _final_flush(self, acker: Acker, lease: LeaseKeeper, recounter: Recounter) -> None:
         """Send the last acks, then hand back what was never finished so that
         other consumers need not wait ``claim_idle`` for it."""
         problem = "the shutdown time ran out"
@@ -493,6 +495,7 @@ class StreamConsumer:
             try:
                 await acker.flush()
                 if self._stop_reason is StopReason.STOPPED:
+                    await recounter.flush()
                     await lease.hand_back(self.claim_idle)
             except Exception as exc:
                 problem = f"{type(exc).__name__}: {exc}"
