@@ -1,0 +1,345 @@
+"""One run of a consumer: its loops, scopes and in-memory state, and how it stops.
+
+Data path, top to bottom: ``_claim`` (own pending, then XAUTOCLAIM) and
+``_read`` (XREADGROUP ``>``) feed the ``_dispatch`` worker pool, which runs
+handlers and hands ids to ``_ack`` or to the dead letters; ``_lease`` keeps
+held entries from being claimed by others meanwhile. All loops run in one
+anyio task group; every Redis call goes through :meth:`GroupMember.call`,
+which retries transient faults and turns a vanished stream into a stop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import redis.asyncio as aredis
+
+from ._ack import Acker
+from ._batch import BatchConfig, Batcher
+from ._claim import Claimer, recover_own_pending
+from ._dead import DeadLetterWriter
+from ._dispatch import Counters, Dispatcher
+from ._housekeeping import prune_idle_consumers
+from ._lease import LeaseKeeper, Recounter
+from ._member import GroupMember
+from ._read import Reader
+from ._redis import AnyRedis
+from ._routes import Router
+from .cleanup import AutoCleaner, CleanupPolicy
+from .control import ControlListener
+from .errors import TopicGoneError
+from .keys import TopicKeys
+from .message import StopReason
+from .topic import Topic
+
+__all__ = ["Runtime", "Settings"]
+
+logger = logging.getLogger("redcurrent.consumer")
+
+#: Before Redis 7.0 a blocked read is not woken by DEL: block this long at most.
+PRE_7_BLOCK = 0.6
+#: The least prefetch of a consumer with batch handlers, unless given.
+BATCH_PREFETCH = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """A consumer's validated configuration (meanings and defaults: see
+    :class:`~redcurrent.StreamConsumer`)."""
+
+    stream: str
+    group: str
+    name: str
+    start: str
+    claim_idle: float
+    concurrency: int
+    max_deliveries: int
+    prefetch: int
+    prefetch_given: bool
+    batch: BatchConfig
+    cleanup: CleanupPolicy | None
+    shutdown_timeout: float
+    block: float
+    consumer_idle_timeout: float
+
+
+class Runtime:
+    """Runs the loops of one consumer once, in one task group, and records why
+    they stopped. :class:`StreamConsumer` is its public face."""
+
+    def __init__(
+        self,
+        redis: AnyRedis,
+        settings: Settings,
+        router: Router,
+        *,
+        owns_client: bool,
+        label: str,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.router = router
+        self.counters = Counters()
+        self.keys = TopicKeys(settings.stream)
+        self.member = GroupMember(redis, self.keys, settings.group, settings.name)
+        self.started = False
+        self.stop_reason: StopReason | None = None
+        self.error: BaseException | None = None
+        self.done = anyio.Event()
+        self.dispatcher: Dispatcher | None = None
+        self._owns_client = owns_client
+        self._label = label
+        self._block = settings.block
+        self._services: anyio.abc.TaskGroup | None = None
+        self._feed_scope: anyio.CancelScope | None = None
+        self._work_scope: anyio.CancelScope | None = None
+        self._batcher: Batcher | None = None
+        self._control: ControlListener | None = None
+        self._watchdog_started = False
+
+    def __str__(self) -> str:
+        return self._label
+
+    # -- stopping -------------------------------------------------------------
+    def request_stop(
+        self, reason: StopReason, error: BaseException | None = None, *, hard: bool = False
+    ) -> None:
+        if self.done.is_set():
+            return
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.error = error
+        if not self.started:
+            self.started = True
+            self.done.set()
+            return
+        if self._feed_scope is not None:
+            self._feed_scope.cancel()
+        if self.dispatcher is not None:
+            self.dispatcher.close()
+        if self._batcher is not None:
+            self._batcher.flush_all()
+        if hard:
+            if self._work_scope is not None:
+                self._work_scope.cancel()
+        elif self._services is not None and not self._watchdog_started:
+            self._watchdog_started = True
+            self._services.start_soon(self._watchdog)
+
+    async def _watchdog(self) -> None:
+        await anyio.sleep(self.settings.shutdown_timeout)
+        if self._work_scope is not None and not self._work_scope.cancel_called:
+            logger.warning(
+                "%s: shutdown_timeout (%.1fs) passed; cancelling the handlers still running, "
+                "their messages stay pending",
+                self,
+                self.settings.shutdown_timeout,
+            )
+            self._work_scope.cancel()
+
+    # -- the loops ------------------------------------------------------------
+    async def main(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        settings, redis, member = self.settings, self.redis, self.member
+        dead = DeadLetterWriter(redis, self.keys, settings.group, settings.name, call=member.call)
+        acker = Acker(member)
+        self._control = control = ControlListener(
+            redis,
+            self.keys,
+            on_stop=self._on_stop_message,
+            on_resume=self._on_resume_message,
+            on_terminate=self._on_terminate,
+        )
+        dispatcher = Dispatcher(
+            stream=settings.stream,
+            router=self.router,
+            ack=acker.add,
+            dead=dead,
+            counters=self.counters,
+            max_deliveries=settings.max_deliveries,
+            batcher=None,
+            is_stopped=control.is_stopped,
+            prefetch=self._effective_prefetch(),
+        )
+        if self.router.batch_types:
+            self._batcher = Batcher(settings.batch, dispatcher.enqueue_batch)
+            dispatcher.batcher = self._batcher
+        self.dispatcher = dispatcher
+        started = False
+        try:
+            await self._create_group()
+            await self._fit_block_to_server()
+            async with anyio.create_task_group() as services:
+                await services.start(self._listen_for_control, control)
+                started = True
+                task_status.started()
+                self._services = services
+                services.start_soon(self._guard, acker.run)
+                lease = LeaseKeeper(member, dispatcher, interval=settings.claim_idle / 3)
+                services.start_soon(self._guard, lease.run)
+                recounter = Recounter(member, dispatcher)
+                services.start_soon(self._guard, recounter.run)
+                services.start_soon(
+                    self._guard, prune_idle_consumers, member, settings.consumer_idle_timeout
+                )
+                if self._batcher is not None:
+                    services.start_soon(self._guard, self._batcher.run)
+                if settings.cleanup is not None and settings.cleanup.auto:
+                    topic = Topic(redis, settings.stream)
+                    cleaner = AutoCleaner(topic, settings.cleanup, settings.name)
+                    services.start_soon(self._guard, cleaner.run)
+                if self.stop_reason is not None:  # stopped before it got going
+                    self.request_stop(self.stop_reason, self.error)
+                try:
+                    with anyio.CancelScope() as self._work_scope:
+                        async with anyio.create_task_group() as work:
+                            for _ in range(settings.concurrency):
+                                work.start_soon(self._guard, dispatcher.worker)
+                            work.start_soon(self._feed, dispatcher)
+                finally:
+                    # Also when the host cancels us: what was handled gets acked.
+                    await self._final_flush(acker, lease, recounter)
+                self._services = None
+                services.cancel_scope.cancel()
+        except Exception as exc:
+            if not started:
+                raise  # from __aenter__: the caller sees why it could not start
+            # Never let a failure escape into the host's task group, where it
+            # would cancel the code running inside ``async with consumer``.
+            logger.exception("%s: unrecoverable error; stopped", self)
+            self.stop_reason = self.stop_reason or StopReason.FAILED
+            self.error = self.error or exc
+        finally:
+            if self.stop_reason is None:
+                self.stop_reason = StopReason.STOPPED
+            if self._owns_client and isinstance(redis, aredis.Redis):
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                    await redis.connection_pool.disconnect()
+            logger.info("%s stopped: %s", self, self.stop_reason.value)
+            self.done.set()
+
+    async def _listen_for_control(
+        self, control: ControlListener, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        """The control listener, failing like the other loops once it has
+        started (before that, its error is the consumer's start-up error)."""
+        try:
+            await control.run(task_status=task_status)
+        except Exception as exc:
+            if self._services is None:
+                raise  # before start-up completed
+            logger.exception("%s: the control listener failed; stopping", self)
+            self.request_stop(StopReason.FAILED, exc, hard=True)
+
+    async def _fit_block_to_server(self) -> None:
+        """Before Redis 7.0 a blocked XREADGROUP is not woken when its stream is
+        deleted: it sits out its BLOCK. Shorter blocks there keep "stops within
+        about a second" true, at about one more command per second."""
+        version = await self.member.server_version()
+        if version is not None and version < (7, 0) and self._block > PRE_7_BLOCK:
+            self._block = PRE_7_BLOCK
+            logger.info(
+                "%s: Redis %s does not wake blocked reads on DEL; blocking %.2fs at a time",
+                self,
+                ".".join(map(str, version)),
+                self._block,
+            )
+
+    async def _create_group(self) -> None:
+        start, group = self.settings.start, self.settings.group
+        if await self.member.create_group(start):
+            logger.info("%s: created group %r at %r", self, group, start)
+        else:
+            logger.info(
+                "%s: group %r exists; it keeps its position (start=%r applies to new groups only)",
+                self,
+                group,
+                start,
+            )
+
+    def _effective_prefetch(self) -> int:
+        """Room for a few full batches besides the single messages: a batch
+        can only fill from what the consumer may hold. Batch handlers are there
+        for throughput, so by default they also get room to read ahead."""
+        settings = self.settings
+        sizes = [r.size or settings.batch.size for r in self.router.routes.values() if r.batch]
+        if not sizes:
+            return settings.prefetch
+        floor = 4 * max(sizes)
+        if not settings.prefetch_given:
+            floor = max(floor, BATCH_PREFETCH)
+        return max(settings.prefetch, floor)
+
+    async def _feed(self, dispatcher: Dispatcher) -> None:
+        """Own pending first, then claims and new entries side by side."""
+        member, claim_idle = self.member, self.settings.claim_idle
+        with anyio.CancelScope() as self._feed_scope:
+            if self.stop_reason is not None:
+                return
+            claimer = Claimer(
+                member, dispatcher, claim_idle=claim_idle, interval=max(0.05, claim_idle / 2)
+            )
+            reader = Reader(
+                member, dispatcher, block=self._block, count=min(500, dispatcher.prefetch)
+            )
+            await self._guard(recover_own_pending, member, dispatcher)
+            async with anyio.create_task_group() as feeders:
+                feeders.start_soon(self._guard, claimer.run)
+                feeders.start_soon(self._guard, reader.run)
+
+    async def _final_flush(self, acker: Acker, lease: LeaseKeeper, recounter: Recounter) -> None:
+        """Send the last acks, then hand back what was never finished so that
+        other consumers need not wait ``claim_idle`` for it."""
+        problem = "the shutdown time ran out"
+        limit = max(1.0, self.settings.shutdown_timeout)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(limit):
+            try:
+                await acker.flush()
+                if self.stop_reason is StopReason.STOPPED:
+                    await recounter.flush()
+                    await lease.hand_back(self.settings.claim_idle)
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+        if acker.waiting:
+            logger.warning(
+                "%s: %d acknowledgements could not be sent (%s); those messages "
+                "stay pending and will be delivered again",
+                self,
+                acker.waiting,
+                problem,
+            )
+
+    async def _guard(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run a loop; turn its failure into a stop with the right reason."""
+        try:
+            await fn(*args)
+        except TopicGoneError as exc:
+            # A terminate notification and the error it causes come on two
+            # connections in the same server tick; 0.1 s covers the gap.
+            terminated = self._control is not None and (
+                self._control.terminated or await self._control.wait_terminated(0.1)
+            )
+            reason = StopReason.TERMINATED if terminated else StopReason.DELETED
+            if self.stop_reason is None:
+                logger.warning("%s: %s; stopping (%s)", self, exc.detail, reason.value)
+            self.request_stop(reason, exc, hard=True)
+        except Exception as exc:
+            logger.exception("%s: unrecoverable error; stopping", self)
+            self.request_stop(StopReason.FAILED, exc, hard=True)
+
+    # -- control notifications -----------------------------------------------
+    def _on_stop_message(self, entry_id: str) -> None:
+        if self.dispatcher is not None and self.dispatcher.stop_running(entry_id):
+            logger.info("%s: cancelled the handler of stopped message %s", self, entry_id)
+
+    def _on_resume_message(self, entry_id: str) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.resume(entry_id)
+
+    def _on_terminate(self) -> None:
+        logger.warning("%s: topic terminated; stopping", self)
+        self.request_stop(StopReason.TERMINATED, hard=True)
