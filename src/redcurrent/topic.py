@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from . import _dead, _info, cleanup, control
 from ._redis import AnyRedis, as_str
 from ._scripts import PUBLISH_MANY
+from .cleanup import CleanupPolicy
 from .codec import encode_data, encode_fields, encode_metadata
 from .errors import ConfigurationError
 from .keys import TopicKeys
@@ -14,8 +16,6 @@ from .message import DeadLetter, TopicInfo
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
-
-    from .cleanup import CleanupPolicy
 
 __all__ = ["PublishItem", "Topic"]
 
@@ -131,39 +131,27 @@ class Topic:
     # -- administration -------------------------------------------------
     async def info(self) -> TopicInfo:
         """Length, ends, groups with pending and lag, stopped ids, dead letters."""
-        from ._info import topic_info
-
-        return await topic_info(self)
+        return await _info.topic_info(self)
 
     async def stop_message(self, message_id: str) -> None:
         """Stop one message for every consumer of every group, until resumed."""
-        from .control import stop_message
-
-        await stop_message(self, message_id)
+        await control.stop_message(self, message_id)
 
     async def resume_message(self, message_id: str) -> None:
         """Let a stopped message be handled again, promptly."""
-        from .control import resume_message
-
-        await resume_message(self, message_id)
+        await control.resume_message(self, message_id)
 
     async def terminate(self) -> None:
         """Delete the stream, its groups and every key of the topic; stop consumers."""
-        from .control import terminate
-
-        await terminate(self)
+        await control.terminate(self)
 
     async def cleanup(self, policy: CleanupPolicy | None = None) -> int:
         """Remove entries every group has acknowledged; returns how many went."""
-        from .cleanup import cleanup
-
-        return await cleanup(self, policy)
+        return await cleanup.cleanup(self, policy)
 
     async def dead_letters(self, count: int = 100, *, start: str = "-") -> list[DeadLetter]:
         """The oldest ``count`` dead letters from ``start`` on."""
-        from ._dead import read_dead_letters
-
-        return await read_dead_letters(self, count, start=start)
+        return await _dead.read_dead_letters(self, count, start=start)
 
     async def replay_dead_letters(
         self, ids: Iterable[str] | None = None, *, count: int = 100
@@ -171,9 +159,7 @@ class Topic:
         """Put dead letters back on the stream (new ids) and remove them from
         the dead-letter stream; returns the new ids. ``ids`` selects dead-letter
         ids, otherwise the oldest ``count`` are replayed."""
-        from ._dead import replay_dead_letters
-
-        return await replay_dead_letters(self, ids, count=count)
+        return await _dead.replay_dead_letters(self, ids, count=count)
 
 
 def _check_maxlen(maxlen: int) -> int:
