@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Final
 from redis import exceptions as rex
 
 from ._redis import as_str
+from ._scripts import COUNT_AFTER
 from .message import GroupInfo, TopicInfo
 
 if TYPE_CHECKING:
@@ -17,12 +18,6 @@ __all__ = ["LAG_SCAN_LIMIT", "id_key", "topic_info"]
 
 #: The most entries :func:`topic_info` counts to compute a lag the server did not give.
 LAG_SCAN_LIMIT: Final = 1000
-
-# KEYS: stream. ARGV: exclusive start id, limit.
-# Counts on the server so that no payload crosses the wire.
-_COUNT_AFTER: Final = """
-return #redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
-"""
 
 
 def id_key(entry_id: str) -> tuple[int, int]:
@@ -138,7 +133,7 @@ async def _lags(
     if to_count:
         pipe = topic.redis.pipeline(transaction=False)
         for _, delivered_id in to_count:
-            pipe.eval(_COUNT_AFTER, 1, topic.keys.stream, delivered_id, LAG_SCAN_LIMIT + 1)
+            pipe.eval(COUNT_AFTER, 1, topic.keys.stream, delivered_id, LAG_SCAN_LIMIT + 1)
         counts = await pipe.execute()
         for (index, _), count in zip(to_count, counts, strict=True):
             if int(count) <= LAG_SCAN_LIMIT:

@@ -1,5 +1,8 @@
 """Lua scripts for state changes that must be atomic.
 
+Cleanup keeps its own (large, cleanup-only) step script in ``cleanup.py``,
+where the benchmark swaps its tail to compare trimming commands.
+
 Each touches only keys of one topic (one hash tag), so it also runs on a
 cluster. redis-py registers them once and runs them by SHA.
 """
@@ -9,6 +12,9 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "COUNT_AFTER",
+    "SET_STOPPED",
+    "TERMINATE",
     "SET_DELIVERY_COUNTS",
     "PUBLISH_MANY",
     "DEAD_LETTER",
@@ -145,4 +151,31 @@ for i = 3, #ARGV, 2 do
   end
 end
 return done
+"""
+
+# KEYS: stopped set. ARGV: channel, "stop"|"resume", entry id.
+# State and announcement together: a listener that sees the message also
+# finds the state, and no announcement goes out for a change that failed.
+SET_STOPPED: Final = """
+if ARGV[2] == 'stop' then
+  redis.call('SADD', KEYS[1], ARGV[3])
+else
+  redis.call('SREM', KEYS[1], ARGV[3])
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
+return 1
+"""
+
+# KEYS: every owned key of the topic. ARGV: channel.
+# The announcement goes first so that consumers can hear "terminate" before
+# (or as) their blocked XREADGROUP fails, and both happen atomically.
+TERMINATE: Final = """
+redis.call('PUBLISH', ARGV[1], 'terminate')
+return redis.call('DEL', unpack(KEYS))
+"""
+
+# KEYS: stream. ARGV: exclusive start id, limit.
+# Counts on the server so that no payload crosses the wire.
+COUNT_AFTER: Final = """
+return #redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
 """

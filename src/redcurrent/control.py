@@ -25,6 +25,7 @@ from redis.asyncio.cluster import RedisCluster
 from ._backoff import Backoff, Outage
 from ._errors import Fault, classify
 from ._redis import AnyRedis, as_str
+from ._scripts import SET_STOPPED, TERMINATE
 from .errors import ConfigurationError
 from .keys import TopicKeys
 
@@ -44,26 +45,6 @@ logger = logging.getLogger("redcurrent.control")
 _ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _U64_MAX: Final = 2**64 - 1
 
-# KEYS: stopped set. ARGV: channel, "stop"|"resume", entry id.
-# State and announcement together: a listener that sees the message also
-# finds the state, and no announcement goes out for a change that failed.
-_SET_STOPPED: Final = """
-if ARGV[2] == 'stop' then
-  redis.call('SADD', KEYS[1], ARGV[3])
-else
-  redis.call('SREM', KEYS[1], ARGV[3])
-end
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
-return 1
-"""
-
-# KEYS: every owned key of the topic. ARGV: channel.
-# The announcement goes first so that consumers can hear "terminate" before
-# (or as) their blocked XREADGROUP fails, and both happen atomically.
-_TERMINATE: Final = """
-redis.call('PUBLISH', ARGV[1], 'terminate')
-return redis.call('DEL', unpack(KEYS))
-"""
 
 _BACKOFF_BASE: Final = 0.05
 _BACKOFF_CAP: Final = 5.0
@@ -95,7 +76,7 @@ def normalize_id(entry_id: str) -> str:
 
 async def _set_stopped(topic: Topic, action: str, entry_id: str) -> None:
     keys = topic.keys
-    script = topic.redis.register_script(_SET_STOPPED)
+    script = topic.redis.register_script(SET_STOPPED)
     await script(keys=[keys.stopped], args=[keys.control_channel, action, entry_id])
 
 
@@ -127,7 +108,7 @@ async def terminate(topic: Topic) -> None:
     The topic can be used again afterwards: publishing re-creates the stream.
     """
     keys = topic.keys
-    script = topic.redis.register_script(_TERMINATE)
+    script = topic.redis.register_script(TERMINATE)
     await script(keys=list(keys.owned()), args=[keys.control_channel])
 
 
