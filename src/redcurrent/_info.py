@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from redis import exceptions as rex
 
+from ._errors import Fault, classify
 from ._redis import as_str
 from ._scripts import COUNT_AFTER
 from .message import GroupInfo, TopicInfo
@@ -43,7 +44,7 @@ def _entry_id(entry: Any) -> str | None:
 
 
 def _missing(reply: Any) -> bool:
-    return isinstance(reply, rex.ResponseError) and "no such key" in str(reply).lower()
+    return isinstance(reply, rex.ResponseError) and classify(reply) is Fault.GONE
 
 
 def _check(reply: Any) -> Any:
