@@ -279,3 +279,34 @@ async def test_stopped_deliveries_are_not_counted_even_across_processes(
 async def _deliveries(client: aredis.Redis, msg_id: str, *, expected: int) -> bool:
     rows = await client.xpending_range("ctl", "g", msg_id, msg_id, 1)
     return bool(rows) and rows[0]["times_delivered"] == expected
+
+
+async def test_an_entry_taken_over_by_another_consumer_is_dropped_not_handled(
+    redis_client: aredis.Redis, redis_url: str
+) -> None:
+    topic = Topic(redis_client, "ctl")
+    first, second = await topic.publish_many([("job", {"n": 1}), ("job", {"n": 2})])
+    # claim_idle long enough that the thief's entry is not claimed back meanwhile.
+    consumer = StreamConsumer(
+        redis_client, "ctl", "g", start=StartFrom.EARLIEST, concurrency=1, claim_idle=3.0, block=0.2
+    )
+    seen: list[str] = []
+    thief = aredis.Redis.from_url(redis_url)
+
+    @consumer.handler("job")
+    async def handle(msg: Message[Any]) -> None:
+        seen.append(msg.id)
+        if msg.id == first:
+            # Another consumer takes over the second entry, still waiting here.
+            await thief.xclaim("ctl", "g", "thief", 0, [second], justid=True)
+            # The next lease refresh (every claim_idle / 3) finds it gone.
+            await until(lambda: consumer.stats.in_flight == 1)
+
+    try:
+        async with consumer:
+            await until(lambda: consumer.stats.handled == 1 and consumer.stats.in_flight == 0)
+    finally:
+        await thief.aclose()
+    assert seen == [first]
+    rows = await redis_client.xpending_range("ctl", "g", "-", "+", 10)
+    assert [(r["message_id"].decode(), r["consumer"].decode()) for r in rows] == [(second, "thief")]

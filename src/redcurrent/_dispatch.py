@@ -164,11 +164,25 @@ class Dispatcher:
             await self._space.wait()
         return free
 
+    def lose(self, ids: list[bytes]) -> list[bytes]:
+        """Another consumer took these over: drop them (a running handler
+        finishes; queued and batched ones are skipped). Returns those that
+        were still held."""
+        still = [raw_id for raw_id in ids if raw_id in self.held]
+        for raw_id in still:
+            self._release(raw_id)
+            if self.parked.pop(raw_id, None) is None:
+                self.lost.add(raw_id)  # still in the queue, a batch or a handler
+        return still
+
     def _release(self, raw_id: bytes) -> None:
         held = self.held
         held.discard(raw_id)
         if self.resumed:
             self.resumed.discard(raw_id)
+        if self.lost:
+            # A lost entry whose handler was running when it was lost ends here.
+            self.lost.discard(raw_id)
         if self._space_wanted and len(held) <= self.prefetch // 2:
             self._space_wanted = False
             self._space.set()

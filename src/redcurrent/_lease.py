@@ -62,21 +62,15 @@ class LeaseKeeper:
                 self._lose(lost)
 
     def _lose(self, lost: list[bytes]) -> None:
-        dispatcher = self._dispatcher
-        still = [i for i in lost if i in dispatcher.held]
-        if not still:
-            return  # settled meanwhile
-        logger.warning(
-            "%r lost %d entries to another consumer (was the event loop "
-            "blocked longer than claim_idle?): %s",
-            self._member,
-            len(still),
-            ", ".join(i.decode() for i in still[:20]),
-        )
-        for raw_id in still:
-            dispatcher.parked.pop(raw_id, None)
-            dispatcher.lost.add(raw_id)
-            dispatcher.held.discard(raw_id)
+        still = self._dispatcher.lose(lost)
+        if still:
+            logger.warning(
+                "%r lost %d entries to another consumer (was the event loop "
+                "blocked longer than claim_idle?): %s",
+                self._member,
+                len(still),
+                ", ".join(i.decode() for i in still[:20]),
+            )
 
 
 class Recounter:
