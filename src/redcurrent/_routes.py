@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from .codec import PayloadDecoder, payload_decoder
+from .codec import PayloadDecoder, check_message_type, payload_decoder
 from .errors import ConfigurationError
 from .message import Message
 
@@ -77,8 +77,7 @@ class Router:
         size: int | None = None,
         timeout: float | None = None,
     ) -> None:
-        if not isinstance(message_type, str) or not message_type:
-            raise ConfigurationError(f"message type must be a non-empty str, got {message_type!r}")
+        check_message_type(message_type)
         if not callable(fn):
             raise ConfigurationError(f"handler for {message_type!r} is not callable: {fn!r}")
         if inspect.isfunction(fn) and not inspect.iscoroutinefunction(fn):

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import msgspec
 
-from .errors import DecodeError, ValidationError
+from .errors import ConfigurationError, DecodeError, ValidationError
 from .message import Message
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "FIELD_TYPE",
     "PayloadDecoder",
     "decode_message",
+    "check_message_type",
     "decode_type",
     "encode_data",
     "encode_fields",
@@ -64,6 +65,13 @@ def encode_fields(
 ) -> tuple[str, str, str, bytes, str, bytes]:
     """The flat field list of an XADD for one message."""
     return ("type", type, "data", _encoder.encode(data), "metadata", encode_metadata(metadata))
+
+
+def check_message_type(message_type: str) -> None:
+    """The ``type`` field routes a message: it must be a non-empty string, for
+    publishers and handlers alike."""
+    if not isinstance(message_type, str) or not message_type:
+        raise ConfigurationError(f"message type must be a non-empty str, got {message_type!r}")
 
 
 def type_name(value: object) -> str:

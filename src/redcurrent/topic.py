@@ -9,7 +9,7 @@ from . import _dead, _info, cleanup, control
 from ._redis import AnyRedis, as_str
 from ._scripts import PUBLISH_MANY
 from .cleanup import CleanupPolicy
-from .codec import encode_data, encode_fields, encode_metadata
+from .codec import check_message_type, encode_data, encode_fields, encode_metadata
 from .errors import ConfigurationError
 from .keys import TopicKeys
 from .message import DeadLetter, TopicInfo
@@ -71,7 +71,7 @@ class Topic:
         group has handled yet. Prefer :meth:`cleanup`, which removes only what
         every group acknowledged.
         """
-        _check_type(type)
+        check_message_type(type)
         entry_id = await self._redis.execute_command(*self._xadd_args(type, data, metadata, maxlen))
         return as_str(entry_id)
 
@@ -105,7 +105,7 @@ class Topic:
                     f"publish_many items are (type, data) or (type, data, metadata), got {item!r}"
                 )
             if type.__class__ is not str or not type:
-                _check_type(type)
+                check_message_type(type)
             body = encode_data(data)
             meta = encode_metadata(metadata)
             args += (type, body, meta)
@@ -166,8 +166,3 @@ def _check_maxlen(maxlen: int) -> int:
     if isinstance(maxlen, bool) or not isinstance(maxlen, int) or maxlen < 0:
         raise ConfigurationError(f"maxlen must be an int >= 0 or None, got {maxlen!r}")
     return maxlen
-
-
-def _check_type(type: str) -> None:
-    if not isinstance(type, str) or not type:
-        raise ConfigurationError(f"message type must be a non-empty str, got {type!r}")
