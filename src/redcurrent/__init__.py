@@ -8,12 +8,14 @@ from ._version import __version__
 from .cleanup import CleanupPolicy
 from .consumer import StreamConsumer
 from .errors import (
+    AccessDeniedError,
     BatchError,
     ConfigurationError,
     ConsumerStateError,
     DecodeError,
     NoHandlerError,
     RedcurrentError,
+    StartTimeoutError,
     TopicGoneError,
     ValidationError,
 )
@@ -30,6 +32,7 @@ from .message import (
 from .topic import Topic
 
 __all__ = [
+    "AccessDeniedError",
     "BatchConfig",
     "BatchError",
     "BatchHandlerObject",
@@ -45,6 +48,7 @@ __all__ = [
     "NoHandlerError",
     "RedcurrentError",
     "StartFrom",
+    "StartTimeoutError",
     "StopReason",
     "StreamConsumer",
     "Topic",

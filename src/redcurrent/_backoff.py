@@ -39,18 +39,21 @@ class Outage:
     """Shared by a consumer's loops: the first failure of an outage is logged
     as a warning, the recovery as info, everything between at debug level."""
 
-    __slots__ = ("_logger", "_since", "_what")
+    __slots__ = ("_logger", "_since", "_what", "last_error")
 
     def __init__(self, logger: logging.Logger, what: str) -> None:
         self._logger = logger
         self._what = what
         self._since: float | None = None
+        #: the most recent failure (kept after recovery, for error messages).
+        self.last_error: BaseException | None = None
 
     @property
     def ongoing(self) -> bool:
         return self._since is not None
 
     def failed(self, exc: BaseException, during: str) -> None:
+        self.last_error = exc
         if self._since is None:
             self._since = time.monotonic()
             self._logger.warning(

@@ -18,6 +18,7 @@ import anyio
 from ._dispatch import Dispatcher
 from ._member import GroupMember
 from ._redis import entries_of
+from ._scripts import ACK_DELETED
 
 __all__ = ["Claimer", "delivery_counts", "recover_own_pending"]
 
@@ -64,20 +65,24 @@ async def recover_own_pending(member: GroupMember, dispatcher: Dispatcher, count
     last: bytes = b"0-0"
     total = 0
     while True:
-        free = await dispatcher.wait_for_space()
-        n = min(count, free)
-        reply = await member.call(
-            "XREADGROUP",
-            functools.partial(
-                member.redis.execute_command,
-                *("XREADGROUP", "GROUP", member.group, member.name, "COUNT", n),
-                *("STREAMS", member.stream, last),
-            ),
-        )
-        entries = entries_of(reply)
+        n = await dispatcher.reserve(count)
+        try:
+            reply = await member.call(
+                "XREADGROUP",
+                functools.partial(
+                    member.redis.execute_command,
+                    *("XREADGROUP", "GROUP", member.group, member.name, "COUNT", n),
+                    *("STREAMS", member.stream, last),
+                ),
+            )
+            entries = entries_of(reply)
+            if entries:
+                counts = await delivery_counts(member, [e[0] for e in entries])
+                dispatcher.submit(entries, counts)
+        finally:
+            dispatcher.unreserve(n)
         if not entries:
             break
-        dispatcher.submit(entries, await delivery_counts(member, [e[0] for e in entries]))
         total += len(entries)
         last = entries[-1][0]
     if total:
@@ -103,6 +108,7 @@ class Claimer:
         self._interval = interval
         self._count = count
         self._cursor: bytes = b"0-0"
+        self._ack_deleted = member.redis.register_script(ACK_DELETED)
 
     async def run(self) -> None:
         while True:
@@ -112,14 +118,22 @@ class Claimer:
 
     async def claim_once(self) -> int:
         """One XAUTOCLAIM step from the kept cursor; returns entries claimed."""
+        dispatcher = self._dispatcher
+        n = await dispatcher.reserve(self._count)
+        try:
+            return await self._claim(n)
+        finally:
+            dispatcher.unreserve(n)
+
+    async def _claim(self, n: int) -> int:
         member = self._member
-        n = min(self._count, await self._dispatcher.wait_for_space())
+        start = self._cursor
         reply = await member.call(
             "XAUTOCLAIM",
             functools.partial(
                 member.redis.execute_command,
                 *("XAUTOCLAIM", member.stream, member.group, member.name),
-                *(self._min_idle_ms, self._cursor, "COUNT", n),
+                *(self._min_idle_ms, start, "COUNT", n),
             ),
         )
         self._cursor = reply[0]
@@ -134,9 +148,17 @@ class Claimer:
                 ", ".join(i.decode() for i in reply[2][:20]),
             )
         held = self._dispatcher.held
+        claimed = reply[1] or []
         entries = [
-            (i, f if isinstance(f, dict) else {}) for i, f in (reply[1] or []) if i not in held
+            (i, f if isinstance(f, dict) else {})
+            for i, f in claimed
+            if i is not None and i not in held
         ]
+        if len(entries) < len(claimed) and any(i is None for i, _ in claimed):
+            # Redis 6.2 claims a pending entry whose stream entry was deleted
+            # but answers nil for it, without its id: it is now ours, pending
+            # for ever unless acknowledged.
+            await self._drop_deleted(start, self._cursor, {i for i, _ in entries})
         if not entries:
             return 0
         counts = await delivery_counts(member, [e[0] for e in entries])
@@ -146,3 +168,43 @@ class Claimer:
         )
         self._dispatcher.submit(entries, counts)
         return len(entries)
+
+    async def _drop_deleted(self, start: bytes, cursor: bytes, claimed: set[bytes]) -> None:
+        """Acknowledge the entries of this consumer between ``start`` and
+        ``cursor`` whose stream entry is gone (the nils of a 6.2 XAUTOCLAIM)."""
+        member, held = self._member, self._dispatcher.held
+        end = b"+" if cursor == b"0-0" else b"(" + cursor
+        rows: list[dict[str, Any]] = await member.call(
+            "XPENDING",
+            functools.partial(
+                member.redis.xpending_range,
+                member.stream,
+                member.group,
+                start,
+                end,
+                self._count * 10 + len(held),
+                consumername=member.name,
+            ),
+        )
+        candidates = [
+            r["message_id"]
+            for r in rows
+            if r["message_id"] not in held and r["message_id"] not in claimed
+        ]
+        if not candidates:
+            return
+        dropped = await member.call(
+            "ack deleted",
+            functools.partial(
+                self._ack_deleted,
+                keys=[member.stream],
+                args=[member.group, member.name, *candidates],
+            ),
+        )
+        if dropped:
+            logger.warning(
+                "%r: %d pending entries were deleted from the stream before anyone "
+                "finished them; acknowledged them",
+                member,
+                dropped,
+            )

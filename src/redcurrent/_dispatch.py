@@ -12,12 +12,15 @@ move to the dead-letter stream.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from ._batch import Batch, Batcher
 from ._dead import DeadLetterWriter
@@ -56,14 +59,33 @@ class Counters:
 
 
 class _Slot:
-    """A worker's cancel scope and the message it is running right now."""
+    """A worker's cancel scope and the message it is running right now.
 
-    __slots__ = ("current", "scope", "stopped")
+    ``in_handler`` is true only while the user's handler runs: a stop cancels
+    a handler, never the acknowledgement or dead-lettering that follows it.
+    """
+
+    __slots__ = ("current", "in_handler", "scope", "stopped")
 
     def __init__(self) -> None:
         self.scope = anyio.CancelScope()
         self.current: Any = None
         self.stopped = False
+        self.in_handler = False
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether a cancellation seen in a worker was asked for by the consumer
+    (a stop, a shutdown) or by whoever runs it, rather than raised by the
+    handler on its own (say, by awaiting a task someone else cancelled)."""
+    if anyio.current_effective_deadline() == -math.inf:
+        return True  # an enclosing cancel scope was cancelled
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # not running on asyncio
+        return False
+    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
+    return bool(cancelling is not None and cancelling())
 
 
 class Dispatcher:
@@ -94,8 +116,11 @@ class Dispatcher:
         self.held: set[bytes] = set()
         #: held entries another consumer took over (lease lost): skip them.
         self.lost: set[bytes] = set()
-        #: stopped messages held aside until resumed.
+        #: stopped messages held aside until resumed; held (leased) but not
+        #: counted against ``prefetch``, so they never stall the intake.
         self.parked: dict[bytes, Item] = {}
+        #: room promised to reads and claims in flight (see :meth:`reserve`).
+        self.reserved = 0
         #: resumed messages: deliveries made while they were stopped do not count.
         self.resumed: set[bytes] = set()
         #: delivery counters to write back to the PEL (see ``_lease.Recounter``).
@@ -104,7 +129,7 @@ class Dispatcher:
         self.closing = False
         self._work = anyio.Event()
         self._space = anyio.Event()
-        self._space_wanted = False
+        self._space_waiters = 0
         self._slots: list[_Slot] = []
         self._batch_types: dict[bytes, Route] = {
             t.encode(): r for t, r in router.routes.items() if r.batch
@@ -153,16 +178,48 @@ class Dispatcher:
         self.queue.append(batch)
         self._work.set()
 
-    async def wait_for_space(self) -> int:
-        """How many more entries may be taken; waits while the buffer is full."""
-        while (free := self.prefetch - len(self.held)) <= 0:
+    @property
+    def active(self) -> int:
+        """Entries that count against ``prefetch``: held and not parked."""
+        return len(self.held) - len(self.parked)
+
+    def free(self) -> int:
+        return self.prefetch - self.active - self.reserved
+
+    async def reserve(self, want: int) -> int:
+        """Wait for room, then promise up to ``want`` entries of it to one read
+        or claim; returns how many. The caller submits what it got and then
+        :meth:`unreserve` s the whole reservation, so that the reader and the
+        claimer together never take more than ``prefetch``.
+
+        Waiters go first: a loop that just gave room back cannot take it again
+        before the one that was waiting for it.
+        """
+        if self._space_waiters:
+            await anyio.lowlevel.checkpoint()
+        while (free := self.free()) <= 0:
             if self._space.is_set():
                 # The reader and the claimer may both wait: they must share
                 # one event, so a set one is replaced only here, once.
                 self._space = anyio.Event()
-            self._space_wanted = True
-            await self._space.wait()
-        return free
+            self._space_waiters += 1
+            try:
+                await self._space.wait()
+            finally:
+                self._space_waiters -= 1
+        granted = min(want, free)
+        self.reserved += granted
+        return granted
+
+    def unreserve(self, n: int) -> None:
+        self.reserved -= n
+        self._signal_space()
+
+    def _signal_space(self) -> None:
+        # Wake waiters only once half the buffer is free, so that a busy
+        # consumer reads in large batches instead of one entry at a time.
+        if self._space_waiters and self.free() >= self.prefetch - self.prefetch // 2:
+            self._space.set()
 
     def lose(self, ids: list[bytes]) -> list[bytes]:
         """Another consumer took these over: drop them (a running handler
@@ -176,16 +233,14 @@ class Dispatcher:
         return still
 
     def _release(self, raw_id: bytes) -> None:
-        held = self.held
-        held.discard(raw_id)
+        self.held.discard(raw_id)
         if self.resumed:
             self.resumed.discard(raw_id)
         if self.lost:
             # A lost entry whose handler was running when it was lost ends here.
             self.lost.discard(raw_id)
-        if self._space_wanted and len(held) <= self.prefetch // 2:
-            self._space_wanted = False
-            self._space.set()
+        if self._space_waiters:
+            self._signal_space()
 
     def close(self) -> None:
         """No more intake: workers finish what is already in memory, then exit."""
@@ -194,11 +249,15 @@ class Dispatcher:
 
     # -- control ------------------------------------------------------------
     def stop_running(self, entry_id: str) -> bool:
-        """Cancel the handler running ``entry_id``, if any; it stays pending."""
+        """Cancel the handler running ``entry_id``, if any; it stays pending.
+
+        Only a running handler is cancelled: once it has returned, its outcome
+        (ack, retry or dead letter) is being recorded and must complete.
+        """
         raw = entry_id.encode()
         for slot in self._slots:
             current = slot.current
-            if current is None:
+            if current is None or not slot.in_handler:
                 continue
             ids = [current[0]] if isinstance(current, tuple) else [i[0] for i in current.items]
             if raw in ids:
@@ -212,6 +271,8 @@ class Dispatcher:
         deliveries while stopped do not count towards ``max_deliveries``."""
         self.parked[item[0]] = item
         self._recount(item[0], item[2] - 1)
+        if self._space_waiters:
+            self._signal_space()  # parked entries no longer take room
 
     def resume(self, entry_id: str) -> None:
         item = self.parked.pop(entry_id.encode(), None)
@@ -247,6 +308,8 @@ class Dispatcher:
         aside; the other messages of a cancelled batch go round again."""
         items = [current] if isinstance(current, tuple) else current.items
         for item in items:
+            if item[0] not in self.held or item[0] in self.parked:
+                continue  # settled (acked, dead-lettered, lost) before the stop
             if self.is_stopped(item[0].decode()):
                 logger.info(
                     "message %s stopped while running; kept pending",
@@ -272,22 +335,27 @@ class Dispatcher:
             item = queue.popleft()
             slot.current = item
             if isinstance(item, tuple):
-                await self._one(item)
+                await self._one(item, slot)
             else:
-                await self._batch(item)
+                await self._batch(item, slot)
             slot.current = None
 
-    async def _one(self, item: Item) -> None:
+    async def _one(self, item: Item, slot: _Slot) -> None:
         msg, route, grave = self._screen(item, None)
         if msg is None or route is None:
             if grave is not None:
                 await self._bury(item, *grave)
             return
+        slot.in_handler = True
         try:
             await route.fn(msg)
-        except Exception as exc:
+        except BaseException as exc:
+            slot.in_handler = False
+            if not isinstance(exc, Exception) and _cancelled_from_outside():
+                raise  # a stop, a shutdown or the host: the message stays pending
             await self._failed(item, exc, route)
         else:
+            slot.in_handler = False
             self.counters.handled += 1
             self._settle(item[0])
 
@@ -345,7 +413,7 @@ class Dispatcher:
         self._ack(raw_id)
         self._release(raw_id)
 
-    async def _failed(self, item: Item, exc: Exception, route: Route) -> None:
+    async def _failed(self, item: Item, exc: BaseException, route: Route) -> None:
         """The one place that decides between a later retry and a dead letter."""
         raw_id, _, count = item
         self.counters.failed += 1
@@ -377,7 +445,7 @@ class Dispatcher:
             self.counters.dead_lettered += 1
         self._release(raw_id)
 
-    async def _batch(self, batch: Batch) -> None:
+    async def _batch(self, batch: Batch, slot: _Slot) -> None:
         route = batch.route
         ready: list[Item] = []
         messages: list[Message[Any]] = []
@@ -391,9 +459,11 @@ class Dispatcher:
             ready.append(item)
         if not ready:
             return
+        slot.in_handler = True
         try:
             await route.fn(messages)
         except BatchError as exc:
+            slot.in_handler = False
             failed = exc.failed_ids
             for item in ready:
                 if item[0].decode() in failed:
@@ -401,10 +471,14 @@ class Dispatcher:
                 else:
                     self.counters.handled += 1
                     self._settle(item[0])
-        except Exception as exc:
+        except BaseException as exc:
+            slot.in_handler = False
+            if not isinstance(exc, Exception) and _cancelled_from_outside():
+                raise
             for item in ready:
                 await self._failed(item, exc, route)
         else:
+            slot.in_handler = False
             self.counters.handled += len(ready)
             for item in ready:
                 self._settle(item[0])

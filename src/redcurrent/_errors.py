@@ -2,15 +2,23 @@
 
 redis-py reports ``NOGROUP``, ``BUSYGROUP`` and friends as a bare
 ``ResponseError``; loops ask :func:`classify` instead of matching strings.
+Server errors are told apart by their error code (the first word of the
+server's reply), found by :func:`error_code` also where Redis 6.2 wraps the
+error of a command inside a script (``Error running script ...:
+@user_script:5: NOGROUP ...``), and by redis-py's exception classes where
+redis-py strips the code.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 
 from redis import exceptions as rex
 
-__all__ = ["Fault", "classify", "is_busygroup", "is_wrongtype"]
+from .errors import AccessDeniedError
+
+__all__ = ["Fault", "access_denied", "classify", "error_code", "is_busygroup", "is_wrongtype"]
 
 
 class Fault(enum.Enum):
@@ -18,27 +26,38 @@ class Fault(enum.Enum):
     """The stream or the group no longer exists: stop, do not retry."""
     TRANSIENT = "transient"
     """The server is unreachable, loading, read-only or failing over: retry."""
+    DENIED = "denied"
+    """Wrong credentials or a missing ACL permission: a configuration error,
+    retrying will not fix it."""
     FATAL = "fatal"
     """Anything else: a bug or a misconfiguration that retrying will not fix."""
 
 
 # ``UNBLOCKED`` alone is not enough: ``CLIENT UNBLOCK ... ERROR`` answers with
 # it too, and an operator unblocking a client must not stop the consumer.
-_GONE_PREFIXES = ("NOGROUP",)
-_GONE_TEXT = ("no such key", "the stream key no longer exists", "consumer group was destroyed")
-_TRANSIENT_PREFIXES = (
-    "LOADING",
-    "READONLY",
-    "MASTERDOWN",
-    "CLUSTERDOWN",
-    "TRYAGAIN",
-    "MOVED",
-    "ASK",
-    "BUSY ",
-    "NOREPLICAS",
-    "UNBLOCKED",
+_GONE_CODES = frozenset({"NOGROUP"})
+# Redis 7 answers a blocked XREADGROUP whose stream was deleted with
+# ``UNBLOCKED the stream key no longer exists``; the code alone is shared with
+# CLIENT UNBLOCK, so this one reply is recognised whole.
+_GONE_UNBLOCKED = ("the stream key no longer exists", "consumer group was destroyed")
+# A plain ``ERR`` has no code of its own: XINFO on a missing stream says this.
+_GONE_ERR = "no such key"
+_TRANSIENT_CODES = frozenset(
+    {
+        "LOADING",
+        "READONLY",
+        "MASTERDOWN",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+        "MOVED",
+        "ASK",
+        "BUSY",
+        "NOREPLICAS",
+        "UNBLOCKED",
+        "OOM",
+    }
 )
-
+_DENIED_CODES = frozenset({"NOPERM", "NOAUTH", "WRONGPASS"})
 
 # redis-py strips the error code from these, so their text cannot be matched.
 _TRANSIENT_CLASSES = (
@@ -50,10 +69,35 @@ _TRANSIENT_CLASSES = (
     rex.MovedError,
     rex.AskError,
     rex.OutOfMemoryError,
+    rex.BusyLoadingError,
 )
+# Subclasses of ConnectionError in redis-py: they must be tested before it.
+_DENIED_CLASSES = (rex.AuthenticationError, rex.AuthorizationError, rex.NoPermissionError)
+
+# Redis < 7 reports an error raised by redis.call() inside a script as
+# "Error running script (call to f_...): @user_script:5: NOGROUP ...", and one
+# coming from the server's own checks as "... @user_script: 1: -READONLY ...".
+_SCRIPT_ERROR = re.compile(r"@user_script:\s*\d+:\s*-?(?=[A-Z])")
+_CODE = re.compile(r"[A-Z][A-Z_]+")
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The server's error code of a Redis error reply (``NOGROUP``, ``READONLY``
+    ...), unwrapped from a script error, or None when it has none."""
+    if not isinstance(exc, rex.ResponseError):
+        return None
+    text = str(exc)
+    *_, last = _SCRIPT_ERROR.split(text) if "@user_script:" in text else ("", text)
+    match = _CODE.match(last)
+    if match is not None and (match.end() == len(last) or last[match.end()] == " "):
+        return match.group()
+    status = getattr(exc, "status_code", None)  # redis-py >= 6 keeps the stripped code
+    return status if isinstance(status, str) and status != "ERR" else None
 
 
 def classify(exc: BaseException) -> Fault:
+    if isinstance(exc, _DENIED_CLASSES):
+        return Fault.DENIED
     if isinstance(
         exc,
         rex.ConnectionError | rex.TimeoutError | TimeoutError | ConnectionError | OSError,
@@ -62,19 +106,34 @@ def classify(exc: BaseException) -> Fault:
     if isinstance(exc, _TRANSIENT_CLASSES):
         return Fault.TRANSIENT
     if isinstance(exc, rex.ResponseError):
-        text = str(exc)
-        if text.startswith(_GONE_PREFIXES) or any(t in text for t in _GONE_TEXT):
+        code = error_code(exc)
+        if code in _GONE_CODES:
             return Fault.GONE
-        if text.startswith(_TRANSIENT_PREFIXES):
+        if code == "UNBLOCKED" and any(t in str(exc) for t in _GONE_UNBLOCKED):
+            return Fault.GONE
+        if code is None and str(exc).startswith(_GONE_ERR):
+            return Fault.GONE
+        if code in _DENIED_CODES:
+            return Fault.DENIED
+        if code in _TRANSIENT_CODES:
             return Fault.TRANSIENT
         return Fault.FATAL
     return Fault.FATAL
 
 
 def is_busygroup(exc: BaseException) -> bool:
-    return isinstance(exc, rex.ResponseError) and str(exc).startswith("BUSYGROUP")
+    return error_code(exc) == "BUSYGROUP"
 
 
 def is_wrongtype(exc: BaseException) -> bool:
     """The key holds another type than the command needs (e.g. not a stream)."""
-    return isinstance(exc, rex.ResponseError) and str(exc).startswith("WRONGTYPE")
+    return error_code(exc) == "WRONGTYPE"
+
+
+def access_denied(exc: BaseException, what: str) -> AccessDeniedError:
+    """The library's error for a :attr:`Fault.DENIED` one, saying what to check."""
+    if error_code(exc) == "NOPERM" or isinstance(exc, rex.NoPermissionError):
+        hint = "the ACL user lacks a permission the library needs (see the README's ACL section)"
+    else:
+        hint = "check the username and password of the Redis client"
+    return AccessDeniedError(f"Redis denied {what}: {type(exc).__name__}: {exc}; {hint}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Any
 
 import anyio
 
@@ -43,8 +44,31 @@ class LeaseKeeper:
         await self._set_idle(list(self._dispatcher.held), 0)
 
     async def hand_back(self, idle: float) -> None:
-        """On stop: make what is still held claimable by others at once."""
-        await self._set_idle(list(self._dispatcher.held), int(idle * 1000))
+        """On stop: make everything this consumer has pending claimable by
+        others at once, by setting its idle time to ``idle``. That is what it
+        holds, and also what a read or claim cancelled by the stop had already
+        taken on the server but never reached the dispatcher."""
+        member = self._member
+        start: bytes = b"-"
+        while True:
+            rows: list[dict[str, Any]] = await member.call(
+                "XPENDING",
+                functools.partial(
+                    member.redis.xpending_range,
+                    member.stream,
+                    member.group,
+                    start,
+                    b"+",
+                    CHUNK,
+                    consumername=member.name,
+                ),
+            )
+            ids = [row["message_id"] for row in rows]
+            if ids:
+                await self._set_idle(ids, int(idle * 1000))
+            if len(rows) < CHUNK:
+                return
+            start = b"(" + ids[-1]
 
     async def _set_idle(self, held: list[bytes], idle_ms: int) -> None:
         for start in range(0, len(held), CHUNK):

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from redis.asyncio.cluster import RedisCluster
 
 from ._backoff import Backoff, Outage
-from ._errors import Fault, classify, is_busygroup, is_wrongtype
+from ._errors import Fault, access_denied, classify, is_busygroup, is_wrongtype
 from ._redis import AnyRedis, as_str
 from .errors import ConfigurationError, TopicGoneError
 from .keys import TopicKeys
@@ -28,7 +30,7 @@ R = TypeVar("R")
 
 
 class GroupMember:
-    __slots__ = ("group", "keys", "name", "outage", "redis", "stream")
+    __slots__ = ("group", "keys", "last_read", "name", "on_gone", "outage", "redis", "stream")
 
     def __init__(self, redis: AnyRedis, keys: TopicKeys, group: str, name: str) -> None:
         self.redis = redis
@@ -37,6 +39,11 @@ class GroupMember:
         self.group = group
         self.name = name
         self.outage = Outage(logger, f"consumer {name} of {keys.stream}/{group}")
+        #: the newest entry id this member read with ``>`` (None before the first).
+        self.last_read: bytes | None = None
+        #: asked when the stream or group vanished; True means "re-created it,
+        #: try again" (see ``StreamConsumer(recreate_group=...)``).
+        self.on_gone: Callable[[BaseException], Awaitable[bool]] | None = None
 
     def __repr__(self) -> str:
         return f"GroupMember({self.stream!r}, group={self.group!r}, name={self.name!r})"
@@ -56,7 +63,11 @@ class GroupMember:
                     await backoff.sleep()
                     continue
                 if fault is Fault.GONE:
+                    if self.on_gone is not None and await self.on_gone(exc):
+                        continue
                     raise TopicGoneError(self.stream, f"{what}: {exc}") from exc
+                if fault is Fault.DENIED:
+                    raise access_denied(exc, f"{what} on stream {self.stream!r}") from exc
                 raise
             if self.outage.ongoing:
                 self.outage.recovered()
@@ -65,8 +76,16 @@ class GroupMember:
     async def server_version(self) -> tuple[int, ...] | None:
         """``redis_version`` of the server (Valkey reports its compatibility
         level), or None when it cannot be read (a cluster, a proxy)."""
+        redis = self.redis
         try:
-            info = await self.call("INFO", lambda: self.redis.info("server"))
+            if isinstance(redis, RedisCluster):
+                # The node that serves the stream, not whichever answers first.
+                node = redis.get_node_from_key(self.stream)
+                info: Any = await self.call(
+                    "INFO", lambda: redis.execute_command("INFO", "server", target_nodes=node)
+                )
+            else:
+                info = await self.call("INFO", lambda: redis.info("server"))
         except Exception:  # only used to pick a fallback: never worth a stop
             return None
         version = info.get("redis_version") if isinstance(info, dict) else None

@@ -19,18 +19,23 @@ class Reader:
         # Replies come back as the parser's lists: entries_of builds the dicts once.
         self._redis = raw_reply_client(member.redis, "XREADGROUP")
         self._dispatcher = dispatcher
+        self._member = member
         self._call = member.call
         self._count = count
         self._args_head = ("XREADGROUP", "GROUP", member.group, member.name, "COUNT")
         self._args_tail = ("BLOCK", max(1, int(block * 1000)), "STREAMS", member.stream, ">")
 
     async def run(self) -> None:
-        dispatcher = self._dispatcher
+        dispatcher, member = self._dispatcher, self._member
         execute = self._redis.execute_command
         head, tail = self._args_head, self._args_tail
         while True:
-            n = min(self._count, await dispatcher.wait_for_space())
-            reply = await self._call("XREADGROUP", lambda n=n: execute(*head, n, *tail))  # type: ignore[misc]
-            entries = entries_of(reply)
-            if entries:
-                dispatcher.submit(entries)
+            n = await dispatcher.reserve(self._count)
+            try:
+                reply = await self._call("XREADGROUP", lambda n=n: execute(*head, n, *tail))  # type: ignore[misc]
+                entries = entries_of(reply)
+                if entries:
+                    member.last_read = entries[-1][0]
+                    dispatcher.submit(entries)
+            finally:
+                dispatcher.unreserve(n)

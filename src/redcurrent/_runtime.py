@@ -45,6 +45,9 @@ logger = logging.getLogger("redcurrent.consumer")
 PRE_7_BLOCK = 0.6
 #: The least prefetch of a consumer with batch handlers, unless given.
 BATCH_PREFETCH = 1024
+#: A stopping consumer sets the idle time of what it hands back to at least
+#: this (seconds), so that peers with any usual ``claim_idle`` take it at once.
+HAND_BACK_IDLE = 86400.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +69,8 @@ class Settings:
     shutdown_timeout: float
     block: float
     consumer_idle_timeout: float
+    start_timeout: float = 30.0
+    recreate_group: bool = False
 
 
 class Runtime:
@@ -87,6 +92,8 @@ class Runtime:
         self.counters = Counters()
         self.keys = TopicKeys(settings.stream)
         self.member = GroupMember(redis, self.keys, settings.group, settings.name)
+        if settings.recreate_group:
+            self.member.on_gone = self._recreate_group
         self.started = False
         self.stop_reason: StopReason | None = None
         self.error: BaseException | None = None
@@ -238,16 +245,41 @@ class Runtime:
     async def _fit_block_to_server(self) -> None:
         """Before Redis 7.0 a blocked XREADGROUP is not woken when its stream is
         deleted: it sits out its BLOCK. Shorter blocks there keep "stops within
-        about a second" true, at about one more command per second."""
+        about a second" true, at about one more command per second. A server
+        that does not tell its version (a proxy) is treated as an old one."""
         version = await self.member.server_version()
-        if version is not None and version < (7, 0) and self._block > PRE_7_BLOCK:
+        if (version is None or version < (7, 0)) and self._block > PRE_7_BLOCK:
             self._block = PRE_7_BLOCK
             logger.info(
-                "%s: Redis %s does not wake blocked reads on DEL; blocking %.2fs at a time",
+                "%s: Redis %s may not wake blocked reads on DEL; blocking %.2fs at a time",
                 self,
-                ".".join(map(str, version)),
+                "of unknown version" if version is None else ".".join(map(str, version)),
                 self._block,
             )
+
+    async def _recreate_group(self, exc: BaseException) -> bool:
+        """``recreate_group=True``: the group vanished under a running consumer
+        (most often a Redis restart without persistence). Re-create it where
+        this consumer last read, unless the topic was terminated; True when the
+        failed call should be tried again."""
+        control = self._control
+        if self.stop_reason is not None or (
+            control is not None and (control.terminated or await control.wait_terminated(0.1))
+        ):
+            return False
+        last = self.member.last_read
+        start = last.decode() if last is not None else self.settings.start
+        if await self.member.create_group(start):
+            logger.error(
+                "%s: the stream or group vanished (%s): was Redis restarted without "
+                "persistence? Re-created group %r at %s (recreate_group=True); entries "
+                "it had pending are delivered again only if they are still in the stream",
+                self,
+                exc,
+                self.settings.group,
+                start,
+            )
+        return True
 
     async def _create_group(self) -> None:
         start, group = self.settings.start, self.settings.group
@@ -299,9 +331,9 @@ class Runtime:
         with anyio.CancelScope(shield=True), anyio.move_on_after(limit):
             try:
                 await acker.flush()
-                if self.stop_reason is StopReason.STOPPED:
+                if self.stop_reason in (StopReason.STOPPED, StopReason.FAILED):
                     await recounter.flush()
-                    await lease.hand_back(self.settings.claim_idle)
+                    await lease.hand_back(max(self.settings.claim_idle, HAND_BACK_IDLE))
             except Exception as exc:
                 problem = f"{type(exc).__name__}: {exc}"
         if acker.waiting:
@@ -324,8 +356,19 @@ class Runtime:
                 self._control.terminated or await self._control.wait_terminated(0.1)
             )
             reason = StopReason.TERMINATED if terminated else StopReason.DELETED
-            if self.stop_reason is None:
+            if self.stop_reason is None and terminated:
                 logger.warning("%s: %s; stopping (%s)", self, exc.detail, reason.value)
+            elif self.stop_reason is None:
+                logger.error(
+                    "%s: %s; stopping (%s). The stream or group %r is gone: deleted by "
+                    "someone, or Redis restarted without persistence (check its appendonly/"
+                    "save settings). Publishes to the stream now reach no consumer of this "
+                    "group; pass recreate_group=True to re-create it in that case.",
+                    self,
+                    exc.detail,
+                    reason.value,
+                    self.settings.group,
+                )
             self.request_stop(reason, exc, hard=True)
         except Exception as exc:
             logger.exception("%s: unrecoverable error; stopping", self)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "ACK_DELETED",
     "COUNT_AFTER",
     "SET_STOPPED",
     "TERMINATE",
@@ -52,11 +53,36 @@ for i = 4, #ARGV do
     lost[#lost + 1] = ARGV[i]
   end
 end
+-- Lua passes only ONE value for an unpack() that is not the last argument:
+-- the ids go into one argument table, options first, ids last.
 for i = 1, #mine, 500 do
-  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0,
-             unpack(mine, i, math.min(i + 499, #mine)), 'IDLE', ARGV[3], 'JUSTID')
+  local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+  for j = i, math.min(i + 499, #mine) do
+    args[#args + 1] = mine[j]
+  end
+  args[#args + 1] = 'IDLE'
+  args[#args + 1] = ARGV[3]
+  args[#args + 1] = 'JUSTID'
+  redis.call(unpack(args))
 end
 return lost
+"""
+
+# KEYS: stream. ARGV: group, consumer, then entry ids.
+# Acknowledges the given entries that are pending for this consumer and whose
+# stream entry no longer exists (nothing is left to handle); returns how many.
+# Redis 6.2's XAUTOCLAIM claims such entries but answers nil for them.
+ACK_DELETED: Final = """
+local n = 0
+for i = 3, #ARGV do
+  if #redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i]) == 0 then
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+    if p[1] then
+      n = n + redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+    end
+  end
+end
+return n
 """
 
 # KEYS: stream. ARGV: group, consumer, minimum idle ms.

@@ -25,7 +25,7 @@ from ._redis import AnyRedis, bytes_client
 from ._routes import BatchHandlerObject, HandlerObject, Router
 from ._runtime import Runtime, Settings
 from .cleanup import CleanupPolicy
-from .errors import ConfigurationError, ConsumerStateError
+from .errors import ConfigurationError, ConsumerStateError, StartTimeoutError
 from .keys import TopicKeys
 from .message import ConsumerStats, StartFrom, StopReason
 
@@ -71,6 +71,14 @@ class StreamConsumer:
       consumer sends about one command per ``block``.
     - ``consumer_idle_timeout`` (1 h): other consumers of the group idle this
       long and holding nothing are deleted from the group.
+    - ``start_timeout`` (30 s): how long ``async with consumer`` / :meth:`run`
+      keep trying to reach Redis and set up the group before they raise
+      :class:`StartTimeoutError`. Wrong credentials or a missing ACL
+      permission raise :class:`AccessDeniedError` at once.
+    - ``recreate_group`` (False): when the group vanishes under a running
+      consumer, re-create it (where this consumer last read) and go on,
+      instead of stopping with :attr:`StopReason.DELETED`. For servers that
+      may restart without persistence; a terminated topic still stops.
     """
 
     def __init__(
@@ -90,6 +98,8 @@ class StreamConsumer:
         shutdown_timeout: float = 10.0,
         block: float = 5.0,
         consumer_idle_timeout: float = 3600.0,
+        start_timeout: float = 30.0,
+        recreate_group: bool = False,
     ) -> None:
         if not stream or not group:
             raise ConfigurationError("stream and group must be non-empty")
@@ -103,6 +113,8 @@ class StreamConsumer:
             raise ConfigurationError(f"max_deliveries must be >= 1, got {max_deliveries}")
         if not claim_idle > 0 or not block > 0 or shutdown_timeout < 0:
             raise ConfigurationError("claim_idle and block must be > 0, shutdown_timeout >= 0")
+        if not start_timeout > 0:
+            raise ConfigurationError(f"start_timeout must be > 0, got {start_timeout!r}")
         if prefetch is not None and prefetch < concurrency:
             raise ConfigurationError(
                 f"prefetch ({prefetch}) must be >= concurrency ({concurrency})"
@@ -122,6 +134,8 @@ class StreamConsumer:
         self.shutdown_timeout = shutdown_timeout
         self.block = _block_within_socket_timeout(client, block)
         self.consumer_idle_timeout = consumer_idle_timeout
+        self.start_timeout = start_timeout
+        self.recreate_group = recreate_group
         self._router = Router()
         settings = Settings(
             stream=stream,
@@ -138,6 +152,8 @@ class StreamConsumer:
             shutdown_timeout=shutdown_timeout,
             block=self.block,
             consumer_idle_timeout=consumer_idle_timeout,
+            start_timeout=start_timeout,
+            recreate_group=recreate_group,
         )
         # A sibling client made for a decode_responses one is ours to close.
         self._run = Runtime(
@@ -237,7 +253,10 @@ class StreamConsumer:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         try:
-            await tg.start(self._run.main)
+            with anyio.move_on_after(self.start_timeout) as waited:
+                await tg.start(self._run.main)
+            if waited.cancelled_caught:
+                raise self._start_timed_out()
         except BaseException:
             # The start-up error itself is what the caller should see, not
             # the task group's wrapping of it.
@@ -247,6 +266,14 @@ class StreamConsumer:
             raise
         self._tg = tg
         return self
+
+    def _start_timed_out(self) -> StartTimeoutError:
+        last = self._run.member.outage.last_error
+        cause = f"{type(last).__name__}: {last}" if last is not None else "no answer"
+        return StartTimeoutError(
+            f"{self!r} could not start within start_timeout={self.start_timeout:g}s: "
+            f"Redis unreachable ({cause}); is the server up and the address right?"
+        )
 
     async def __aexit__(
         self,

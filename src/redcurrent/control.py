@@ -23,7 +23,7 @@ from redis import exceptions as rex
 from redis.asyncio.cluster import RedisCluster
 
 from ._backoff import Backoff, Outage
-from ._errors import Fault, classify
+from ._errors import Fault, access_denied, classify
 from ._redis import AnyRedis, as_str
 from ._scripts import SET_STOPPED, TERMINATE
 from .errors import ConfigurationError
@@ -47,7 +47,9 @@ _U64_MAX: Final = 2**64 - 1
 
 
 _BACKOFF_BASE: Final = 0.05
-_BACKOFF_CAP: Final = 5.0
+# One connection, one cheap command: retry often, so that after an outage
+# stop/resume notices act again as soon as the work loops do.
+_BACKOFF_CAP: Final = 1.0
 _SUBSCRIBE_TIMEOUT: Final = 10.0
 _CLOSE_TIMEOUT: Final = 2.0
 _WAKE_INTERVAL: Final = 1.0
@@ -226,10 +228,29 @@ class ControlListener:
                 backoff.reset()
                 await anyio.sleep(self._interval)
             except (rex.RedisError, OSError, TimeoutError) as exc:
-                if classify(exc) is not Fault.TRANSIENT:
+                fault = classify(exc)
+                if fault is Fault.DENIED:
+                    raise access_denied(
+                        exc, f"the control channel of {self._keys.stream!r}"
+                    ) from exc
+                if fault is not Fault.TRANSIENT:
                     raise
                 outage.failed(exc, "subscribe/resync")
+                await self._drop_idle_connections()
                 await backoff.sleep()
+
+    async def _drop_idle_connections(self) -> None:
+        """After a fault, pooled connections are likely dead too (a server
+        restart): drop the idle ones, so that the next resync does not fail
+        on them one by one, each failure adding to the backoff."""
+        pool = getattr(self._redis, "connection_pool", None)
+        if pool is None:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_TIMEOUT):
+            try:
+                await pool.disconnect(inuse_connections=False)
+            except (rex.RedisError, OSError) as exc:
+                logger.debug("dropping idle connections failed: %r", exc)
 
     async def _subscribe(self, pubsub: Any) -> None:
         """Subscribe and wait for the server's confirmation.

@@ -6,8 +6,10 @@ its own bugs::
 
     RedcurrentError
     ├── ConfigurationError      invalid arguments, detected before touching Redis
+    │   └── AccessDeniedError   Redis refused the credentials or an ACL permission
+    ├── StartTimeoutError       Redis could not be reached within ``start_timeout``
     ├── ConsumerStateError      a lifecycle call at the wrong time (e.g. start twice)
-    ├── DecodeError             a stream entry that is not a valid message
+    ├── DecodeError             a stream entry that is not a valid message (``category`` says why)
     │   └── ValidationError     its payload does not fit the handler's ``model``
     ├── NoHandlerError          no handler for the entry's type
     ├── BatchError              raised by a batch handler to name the failed ids
@@ -20,16 +22,21 @@ place that decides which server errors mean what.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final, Literal, cast, get_args
 
 __all__ = [
+    "DECODE_CATEGORIES",
+    "AccessDeniedError",
     "BatchError",
     "ConfigurationError",
     "ConsumerStateError",
+    "DecodeCategory",
     "DecodeError",
     "NoHandlerError",
     "RedcurrentError",
+    "StartTimeoutError",
     "TopicGoneError",
     "ValidationError",
 ]
@@ -43,28 +50,85 @@ class ConfigurationError(RedcurrentError, ValueError):
     """An argument or a combination of arguments that cannot work."""
 
 
+class AccessDeniedError(ConfigurationError):
+    """Redis refused the connection's credentials (``WRONGPASS``, ``NOAUTH``) or
+    its ACL user lacks a command, key or channel the library needs (``NOPERM``).
+
+    Retrying cannot fix either, so a consumer fails at once instead of waiting
+    for a server that will never say yes. The Redis error is the ``__cause__``.
+    """
+
+
+class StartTimeoutError(RedcurrentError, TimeoutError):
+    """A consumer could not reach Redis (or create its group) within its
+    ``start_timeout``: the server is down, not up yet, or the address is wrong."""
+
+
 class ConsumerStateError(RedcurrentError, RuntimeError):
     """A lifecycle method was called in a state that does not allow it."""
+
+
+#: Why an entry is not a valid message (:attr:`DecodeError.category`):
+#:
+#: - ``missing_type``: no ``type`` field;
+#: - ``invalid_utf8``: the ``type``, ``data`` or ``metadata`` bytes are not UTF-8;
+#: - ``invalid_json``: ``data`` or ``metadata`` is not JSON text;
+#: - ``wrong_schema``: valid JSON of the wrong shape (``data`` not fitting the
+#:   handler's model, ``metadata`` not an object of strings);
+#: - ``malformed``: anything else (the default of a ``DecodeError`` built without one).
+DecodeCategory = Literal[
+    "missing_type", "invalid_utf8", "invalid_json", "wrong_schema", "malformed"
+]
+DECODE_CATEGORIES: Final[frozenset[str]] = frozenset(get_args(DecodeCategory))
+
+# "entry <id>: [<category>] <reason>", the text of every DecodeError.
+_CATEGORY_TAG: Final = re.compile(r"entry \S+: \[([a-z_0-9]+)\] ")
 
 
 class DecodeError(RedcurrentError):
     """A stream entry could not be turned into a :class:`~redcurrent.Message`.
 
     It carries the entry id so that the log line and the dead letter say
-    exactly which entry is bad and why.
+    exactly which entry is bad and why: ``category`` (a :data:`DecodeCategory`,
+    stable across msgspec versions), ``field`` (``"type"``, ``"data"``,
+    ``"metadata"`` or ``None``) and ``reason`` (human-readable detail). Its text
+    is ``entry <id>: [<category>] <reason>``; a dead letter's ``reason`` is that
+    text, and :meth:`category_of` reads the category back from it.
     """
 
-    def __init__(self, entry_id: str, reason: str) -> None:
+    default_category: DecodeCategory = "malformed"
+
+    def __init__(
+        self,
+        entry_id: str,
+        reason: str,
+        category: DecodeCategory | None = None,
+        field: str | None = None,
+    ) -> None:
         self.entry_id = entry_id
         self.reason = reason
-        super().__init__(f"entry {entry_id}: {reason}")
+        self.category: DecodeCategory = category or self.default_category
+        self.field = field
+        super().__init__(f"entry {entry_id}: [{self.category}] {reason}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.entry_id, self.reason))
+        return (type(self), (self.entry_id, self.reason, self.category, self.field))
+
+    @staticmethod
+    def category_of(text: str) -> DecodeCategory | None:
+        """The category of a decode error from its text, e.g. a dead letter's
+        ``reason``; ``None`` if the text is not a decode error's (a handler's
+        failure, no handler, too many deliveries)."""
+        found = _CATEGORY_TAG.match(text)
+        if found is None or found.group(1) not in DECODE_CATEGORIES:
+            return None
+        return cast(DecodeCategory, found.group(1))
 
 
 class ValidationError(DecodeError):
     """The payload decoded as JSON but does not match the handler's model."""
+
+    default_category: DecodeCategory = "wrong_schema"
 
 
 class NoHandlerError(RedcurrentError):
