@@ -74,6 +74,12 @@ class _Slot:
         self.in_handler = False
 
 
+_OWN_CANCEL = (
+    "the handler raised a cancellation that neither a stop nor its host asked for "
+    "(did it await a task that was cancelled?)"
+)
+
+
 def _cancelled_from_outside() -> bool:
     """Whether a cancellation seen in a worker was asked for by the consumer
     (a stop, a shutdown) or by whoever runs it, rather than raised by the
@@ -418,6 +424,7 @@ class Dispatcher:
         raw_id, _, count = item
         self.counters.failed += 1
         final = count >= self.max_deliveries
+        detail = str(exc) if isinstance(exc, Exception) else _OWN_CANCEL
         logger.log(
             logging.ERROR if final else logging.WARNING,
             "handler %s failed on message %s (delivery %d of %d): %s: %s; %s",
@@ -426,13 +433,13 @@ class Dispatcher:
             count,
             self.max_deliveries,
             type(exc).__name__,
-            exc,
+            detail,
             "moving it to the dead letters" if final else "it stays pending for a retry",
             exc_info=exc if final or count == 1 else None,  # the traceback once per message
             extra={"message_id": raw_id.decode()},
         )
         if final:
-            await self._bury(item, f"{type(exc).__name__}: {exc}", type(exc).__name__)
+            await self._bury(item, f"{type(exc).__name__}: {detail}", type(exc).__name__)
         else:
             self._release(raw_id)
 
