@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -21,6 +22,7 @@ import redis.exceptions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from redcurrent import Message, StartFrom, StreamConsumer
 from redcurrent.cleanup import (
     AutoCleaner,
     CleanupPolicy,
@@ -140,15 +142,25 @@ async def other_server(request: pytest.FixtureRequest) -> AsyncIterator[aredis.R
 
 
 def test_policy_defaults_positional_and_frozen() -> None:
-    assert CleanupPolicy(False, 300.0, 10000, 3600.0, 100) == CleanupPolicy()
-    p = CleanupPolicy(auto=True, interval=1.5, max_length=0, min_retention=0, batch_size=7)
-    assert (p.auto, p.interval, p.max_length, p.min_retention, p.batch_size) == (
-        True,
-        1.5,
-        0,
-        0,
-        7,
+    assert CleanupPolicy(False, 300.0, 10000, 3600.0, 100, None) == CleanupPolicy()
+    assert CleanupPolicy().dead_letter_retention is None  # dead letters are kept for ever
+    p = CleanupPolicy(
+        auto=True,
+        interval=1.5,
+        max_length=0,
+        min_retention=0,
+        batch_size=7,
+        dead_letter_retention=86400,
     )
+    assert (
+        p.auto,
+        p.interval,
+        p.max_length,
+        p.min_retention,
+        p.batch_size,
+        p.dead_letter_retention,
+    ) == (True, 1.5, 0, 0, 7, 86400)
+    assert CleanupPolicy(dead_letter_retention=0).dead_letter_retention == 0
     with pytest.raises(AttributeError):
         p.batch_size = 3  # type: ignore[misc,unused-ignore]
 
@@ -166,6 +178,11 @@ def test_policy_defaults_positional_and_frozen() -> None:
         {"min_retention": -0.001},
         {"min_retention": math.inf},
         {"min_retention": math.nan},
+        {"dead_letter_retention": -1},
+        {"dead_letter_retention": math.inf},
+        {"dead_letter_retention": math.nan},
+        {"dead_letter_retention": "3600"},
+        {"dead_letter_retention": True},
     ],
 )
 def test_policy_rejects_bad_values(kwargs: dict[str, object]) -> None:
@@ -271,6 +288,221 @@ async def test_stopped_entry_is_not_trimmed(redis_client: aredis.Redis, kind: st
 
     assert await cleanup(topic, policy(batch_size=3)) == 8
     assert await remaining(redis_client) == ids[8:]
+    # The stale id (its entry gone for good) is dropped; the live one stays.
+    if kind == "set":
+        members = await redis_client.smembers(topic.keys.stopped)
+    elif kind == "zset":
+        members = await redis_client.zrange(topic.keys.stopped, 0, -1)
+    else:
+        members = await redis_client.hkeys(topic.keys.stopped)
+    assert {text(m) for m in members} == {ids[8]}
+
+
+# --------------------------------------------------------------------------- stopped ids
+
+
+async def stopped_ids(client: aredis.Redis, topic: Topic) -> set[str]:
+    return {text(m) for m in await client.smembers(topic.keys.stopped)}
+
+
+def id_key(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
+def next_id(entry_id: str) -> str:
+    ms, seq = entry_id.split("-")
+    return f"{ms}-{int(seq) + 1}"
+
+
+async def test_stopped_ids_of_gone_entries_are_dropped(redis_client: aredis.Redis) -> None:
+    """Hundreds of stopped ids: those whose entries can never come back go; those
+    in the stream, pending in a group, or not yet published stay."""
+    ids = await old_ids(redis_client, 400)  # one per millisecond, sequence 0
+    await add_ids(redis_client, ids)
+    topic = Topic(redis_client, STREAM)
+    await redis_client.xgroup_create(STREAM, "g", id="0")
+    await read_all(redis_client, "g", 400)
+    last = ids[399]
+    deleted = [*ids[0:300:2], last]  # 151 entries someone deleted (XDEL)
+    held = deleted[100:110]  # ids[200], ids[202] ... ids[218]: still pending in "g"
+    await redis_client.xack(STREAM, "g", *(i for i in ids if i not in held))
+    await redis_client.xdel(STREAM, *deleted)
+    live = ids[301:399:4]  # 25 stopped entries still in the stream
+    between = [f"{i.split('-')[0]}-5" for i in ids[300:399]]  # 99 ids no entry ever had
+    future = [next_id(last)] + [f"{2**63}-{n}" for n in range(99)]  # above the last id
+    for entry_id in deleted + live + between + future:
+        await topic.stop_message(entry_id)
+    assert len(await stopped_ids(redis_client, topic)) == 151 + 25 + 99 + 100
+
+    # Entries: everything still there below the oldest pending one (ids[200]) goes,
+    # i.e. ids[1], ids[3] ... ids[199]; the count is of stream entries only.
+    assert await cleanup(topic, policy(batch_size=7)) == 100
+    kept = [i for i in ids[200:] if i not in deleted]
+    assert await remaining(redis_client) == kept
+    assert await stopped_ids(redis_client, topic) == {*live, *held, *future}
+
+    assert await cleanup(topic, policy(batch_size=7)) == 0  # nothing more to do
+    assert await stopped_ids(redis_client, topic) == {*live, *held, *future}
+
+    # The stopped id right after the last one is published now: it stays stopped
+    # and its entry stays. The held ids are acknowledged: nothing needs them now.
+    await redis_client.xadd(STREAM, {"type": "t"}, id=next_id(last))
+    await redis_client.xack(STREAM, "g", *held)
+    assert await cleanup(topic, policy(batch_size=7, min_retention=0)) == 51  # up to live[0]
+    assert await remaining(redis_client) == [*ids[301:399], next_id(last)]
+    assert await stopped_ids(redis_client, topic) == {*live, *future}
+    assert (await topic.info()).stopped == sorted({*live, *future}, key=id_key)
+
+
+async def test_stopped_ids_wait_for_their_stream(redis_client: aredis.Redis) -> None:
+    """Before the stream exists nothing tells a past id from a future one: all stay."""
+    topic = Topic(redis_client, STREAM)
+    await topic.stop_message("5-0")
+    await topic.stop_message(f"{2**63}-0")
+    assert await cleanup(topic, policy(min_retention=0)) == 0
+    assert await stopped_ids(redis_client, topic) == {"5-0", f"{2**63}-0"}
+    assert not await redis_client.exists(STREAM)
+
+    await topic.publish("t", {})  # a server-generated id, far above 5-0
+    assert await cleanup(topic, policy()) == 0
+    assert await stopped_ids(redis_client, topic) == {f"{2**63}-0"}
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+async def add_dead_letters(client: aredis.Redis, topic: Topic, ids: Sequence[str]) -> None:
+    pipe = client.pipeline(transaction=False)
+    for entry_id in ids:
+        pipe.xadd(topic.keys.dead_letters, {"type": "t", "dlq:reason": "r"}, id=entry_id)
+    await pipe.execute()
+
+
+async def dead_letter_ids(client: aredis.Redis, topic: Topic) -> list[str]:
+    return [text(i) for i, _ in await client.xrange(topic.keys.dead_letters)]
+
+
+async def test_dead_letters_are_kept_unless_a_retention_is_given(
+    redis_client: aredis.Redis,
+) -> None:
+    topic = Topic(redis_client, STREAM)
+    entries = await old_ids(redis_client, 20)
+    await add_ids(redis_client, entries)
+    await group_acked_all(redis_client)
+    old = await old_ids(redis_client, 250, per_ms=3)
+    await add_dead_letters(redis_client, topic, old)
+    young = [
+        text(await redis_client.xadd(topic.keys.dead_letters, {"type": "t"})) for _ in range(30)
+    ]
+
+    assert await cleanup(topic, policy(batch_size=7)) == 20  # stream entries only
+    assert await dead_letter_ids(redis_client, topic) == old + young  # None: kept
+
+    p = policy(batch_size=7, dead_letter_retention=3600)
+    assert await cleanup(topic, p) == 0
+    assert await dead_letter_ids(redis_client, topic) == young
+    assert [d.id for d in await topic.dead_letters()] == young
+
+    assert await cleanup(topic, policy(dead_letter_retention=0)) == 0
+    assert await dead_letter_ids(redis_client, topic) == []
+
+
+@pytest.mark.private_server
+async def test_dead_letter_retention_works_in_bounded_steps(private_redis: RedisServer) -> None:
+    client = aredis.Redis.from_url(private_redis.url)
+    try:
+        topic = Topic(client, STREAM)
+        await add_dead_letters(client, topic, await old_ids(client, 250, per_ms=4))
+        await cleanup(Topic(client, "warm-up"))  # the ACKED probe runs once per client
+        await client.config_resetstat()
+
+        p = policy(batch_size=7, dead_letter_retention=60)
+        assert await cleanup(topic, p) == 0
+        assert await client.xlen(topic.keys.dead_letters) == 0
+        stats = await client.info("commandstats")
+        assert stats["cmdstat_xtrim"]["calls"] == math.ceil(250 / 7)
+    finally:
+        await client.aclose()
+
+
+async def test_auto_cleaner_trims_dead_letters_of_a_short_stream(
+    redis_client: aredis.Redis,
+) -> None:
+    topic = Topic(redis_client, STREAM)
+    entries = await old_ids(redis_client, 50)
+    await add_ids(redis_client, entries)
+    await group_acked_all(redis_client)
+    old = await old_ids(redis_client, 300, per_ms=5)
+    await add_dead_letters(redis_client, topic, old)
+    young = [
+        text(await redis_client.xadd(topic.keys.dead_letters, {"type": "t"})) for _ in range(5)
+    ]
+    p = CleanupPolicy(
+        auto=True, interval=0.01, max_length=1000, batch_size=40, dead_letter_retention=3600
+    )
+    cleaner = AutoCleaner(topic, p, owner="me")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cleaner.run)
+
+        async def trimmed() -> bool:
+            return await dead_letter_ids(redis_client, topic) == young and cleaner.runs >= 2
+
+        await wait_until(trimmed)
+        tg.cancel_scope.cancel()
+
+    assert cleaner.dead_letters_removed == 300
+    assert cleaner.removed == 0  # the stream is not longer than max_length: left alone
+    assert await remaining(redis_client) == entries
+    assert not await redis_client.exists(topic.keys.cleanup_lock)
+
+
+async def test_consumers_trim_their_dead_letters(redis_client: aredis.Redis) -> None:
+    """A consumer with automatic cleanup: 400 messages handled, 100 undecodable
+    ones dead-lettered, then both the stream and the dead letters emptied."""
+    topic = Topic(redis_client, STREAM)
+    handled: list[str] = []
+    consumer = StreamConsumer(
+        redis_client,
+        STREAM,
+        "g",
+        start=StartFrom.EARLIEST,
+        concurrency=8,
+        claim_idle=0.5,
+        block=0.2,
+        shutdown_timeout=1.0,
+        cleanup=CleanupPolicy(
+            auto=True, interval=0.05, max_length=0, min_retention=0, dead_letter_retention=0
+        ),
+    )
+
+    @consumer.handler("job")
+    async def job(msg: Message[Any]) -> None:
+        handled.append(msg.id)
+
+    async with consumer:
+        pipe = redis_client.pipeline(transaction=False)
+        for n in range(500):
+            data = b"{not json" if n % 5 == 0 else b'{"n":%d}' % n
+            pipe.xadd(STREAM, {b"type": b"job", b"data": data, b"metadata": b"{}"})
+        ids = [text(i) for i in await pipe.execute()]
+
+        async def all_gone() -> bool:
+            return (
+                consumer.stats.dead_lettered == 100
+                and await redis_client.xlen(topic.keys.dead_letters) == 0
+                and await redis_client.xlen(STREAM) == 0
+            )
+
+        await wait_until(all_gone)
+    assert sorted(handled) == sorted(i for n, i in enumerate(ids) if n % 5)
+    assert await redis_client.xpending(STREAM, "g") == {
+        "pending": 0,
+        "min": None,
+        "max": None,
+        "consumers": [],
+    }
 
 
 # --------------------------------------------------------------------------- steps

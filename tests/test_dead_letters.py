@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis.asyncio
 
-from redcurrent import DeadLetter, Topic
+from helpers import Recorder, nothing_pending, wait_until
+from redcurrent import DeadLetter, StartFrom, StreamConsumer, Topic
 from redcurrent._dead import DeadLetterWriter
 from redcurrent.codec import decode_message, payload_decoder
 
@@ -264,3 +266,85 @@ async def test_goStream_shaped_entry_dead_letters(
     assert letter.data is None
     assert letter.metadata == {}
     assert letter.fields == fields
+
+
+# -- clients with decode_responses=True --------------------------------------------
+
+
+@pytest.fixture
+async def decoded(
+    redis_url: str, redis_client: redis.asyncio.Redis
+) -> AsyncIterator[redis.asyncio.Redis]:
+    """A client that decodes replies to str, on the test's (flushed) server."""
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def binary_entry(n: int) -> dict[bytes, bytes]:
+    """Fields that are not UTF-8: a bad type, or bad bytes inside the JSON data."""
+    if n % 2:
+        return {b"type": b"job\xff", b"data": b'{"n":%d}' % n, b"metadata": b"{}"}
+    return {b"type": b"job", b"data": b'{"n":%d,"s":"\xc3\x28"}' % n, b"metadata": b"\x80"}
+
+
+async def test_binary_dead_letters_on_a_decode_responses_client(
+    redis_client: redis.asyncio.Redis, decoded: redis.asyncio.Redis
+) -> None:
+    """601 entries, every third not UTF-8 (the first and the last among them),
+    consumed, read back, replayed and inspected through clients that decode."""
+    pipe = redis_client.pipeline(transaction=False)
+    originals: list[dict[bytes, bytes]] = []
+    for n in range(601):
+        if n % 3 == 0:
+            fields = binary_entry(n)
+        else:
+            fields = {b"type": b"job", b"data": b'{"n":%d}' % n, b"metadata": b"{}"}
+        originals.append(fields)
+        pipe.xadd(STREAM, fields)  # type: ignore[arg-type]
+    ids = [entry_id.decode() for entry_id in await pipe.execute()]
+    bad = {ids[n]: originals[n] for n in range(0, 601, 3)}
+
+    topic = Topic(decoded, STREAM)
+    seen = Recorder()
+    consumer = StreamConsumer(
+        decoded,
+        STREAM,
+        GROUP,
+        CONSUMER,
+        start=StartFrom.EARLIEST,
+        concurrency=8,
+        claim_idle=0.5,
+        block=0.2,
+        shutdown_timeout=1.0,
+    )
+    consumer.handler("job")(seen)
+    async with consumer:
+        await seen.wait_for(400)
+        await wait_until(lambda: consumer.stats.dead_lettered == 201)
+        await wait_until(nothing_pending(redis_client, STREAM, GROUP))
+    assert sorted(seen.ids) == sorted(set(ids) - set(bad))
+
+    info = await topic.info()
+    assert (info.length, info.first_id, info.last_id) == (601, ids[0], ids[600])
+    assert info.dead_letters == 201
+
+    letters = await topic.dead_letters(count=1000)
+    assert {letter.original_id: letter.fields for letter in letters} == bad
+    assert {letter.error_type for letter in letters} == {"DecodeError"}
+    assert {(letter.group, letter.consumer) for letter in letters} == {(GROUP, CONSUMER)}
+    assert all(isinstance(letter.type, str) and letter.reason for letter in letters)
+    # Paging by dead-letter id works on this client too.
+    page = await topic.dead_letters(count=50, start=letters[100].id)
+    assert [letter.id for letter in page] == [letter.id for letter in letters[100:150]]
+
+    new_ids = await topic.replay_dead_letters(count=1000)
+    assert len(new_ids) == 201
+    assert await topic.dead_letters() == []
+    replayed = await redis_client.xrange(STREAM, min=new_ids[0])
+    assert [entry_id.decode() for entry_id, _ in replayed] == new_ids
+    assert [fields for _, fields in replayed] == [letter.fields for letter in letters]
+    info = await topic.info()
+    assert (info.length, info.last_id, info.dead_letters) == (802, new_ids[-1], 0)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 import redis.asyncio as aredis
 
-from redcurrent import GroupInfo, Topic, TopicInfo, _info
+from helpers import Recorder, nothing_pending, pending, wait_until, xadd_raw
+from redcurrent import GroupInfo, StartFrom, StreamConsumer, Topic, TopicInfo, _info
 
 
 async def _build(client: aredis.Redis) -> tuple[Topic, list[str]]:
@@ -117,3 +120,110 @@ async def test_lag_is_counted_when_the_server_cannot_tell(
 async def test_info_does_not_create_keys(redis_client: aredis.Redis) -> None:
     await Topic(redis_client, "orders").info()
     assert await redis_client.dbsize() == 0
+
+
+# -- clients with decode_responses=True --------------------------------------------
+
+BINARY: dict[bytes, bytes] = {
+    b"type": b"\xffbin\xfe",
+    b"data": b'{"a":"\xc3\x28"}',
+    b"metadata": b"\x80\x81",
+}
+
+
+@pytest.fixture
+async def decoded(redis_url: str, redis_client: aredis.Redis) -> AsyncIterator[aredis.Redis]:
+    """A client that decodes replies to str, on the test's (flushed) server."""
+    client = aredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_info_on_a_decode_responses_client_with_binary_ends(
+    redis_client: aredis.Redis, decoded: aredis.Redis
+) -> None:
+    topic = Topic(decoded, "orders")
+    first = await xadd_raw(redis_client, topic.name, BINARY)
+    middle = await topic.publish_many([("email", {"n": n}) for n in range(300)])
+    last = await xadd_raw(redis_client, topic.name, {**BINARY, b"data": b"\xfe" * 100})
+    await redis_client.xgroup_create(topic.name, "g", "0")
+    await redis_client.xreadgroup("g", "c", {topic.name: ">"}, count=150)
+    await redis_client.xadd(topic.keys.dead_letters, {**BINARY, b"dlq:reason": b"not UTF-8"})
+    await topic.stop_message(middle[7])
+    await topic.stop_message(last)
+
+    info = await topic.info()
+
+    assert info == TopicInfo(
+        length=302,
+        first_id=first,
+        last_id=last,
+        groups=[
+            GroupInfo(name="g", consumers=1, pending=150, lag=152, last_delivered_id=middle[148])
+        ],
+        stopped=[middle[7], last],
+        dead_letters=1,
+    )
+    await topic.resume_message(last)
+    assert (await topic.info()).stopped == [middle[7]]
+
+
+async def test_stop_and_resume_through_a_decode_responses_client(
+    redis_client: aredis.Redis, decoded: aredis.Redis
+) -> None:
+    """200 messages, 50 of them stopped, on a client that decodes replies."""
+    topic = Topic(decoded, "orders")
+    ids = await topic.publish_many([("job", {"n": n}) for n in range(200)])
+    stopped = ids[::4]
+    for entry_id in stopped:
+        await topic.stop_message(entry_id)
+    seen = Recorder()
+    consumer = StreamConsumer(
+        decoded,
+        topic.name,
+        "g",
+        start=StartFrom.EARLIEST,
+        concurrency=4,
+        claim_idle=0.5,
+        block=0.2,
+        shutdown_timeout=1.0,
+    )
+    consumer.handler("job")(seen)
+    async with consumer:
+        await seen.wait_for(150)
+
+        async def only_stopped_pending() -> bool:
+            held = await pending(redis_client, topic.name, "g")
+            return sorted(entry_id for entry_id, _, _ in held) == sorted(stopped)
+
+        await wait_until(only_stopped_pending)
+        assert sorted(seen.ids) == sorted(set(ids) - set(stopped))
+        assert (await topic.info()).stopped == stopped
+
+        for entry_id in stopped:
+            await topic.resume_message(entry_id)
+        await seen.wait_for(200)
+        await wait_until(nothing_pending(redis_client, topic.name, "g"))
+    assert sorted(seen.ids) == sorted(ids)  # each exactly once
+    info = await topic.info()
+    assert info.stopped == []
+    assert info.groups[0].pending == 0
+    assert info.groups[0].lag == 0
+
+
+async def test_reading_through_a_decoding_client_opens_no_other_connections(
+    redis_client: aredis.Redis, decoded: aredis.Redis
+) -> None:
+    """Bytes are read on the client's own pool: many Topics, no pools of their own."""
+    await xadd_raw(redis_client, "orders", BINARY)
+    await redis_client.xadd(Topic(decoded, "orders").keys.dead_letters, BINARY)  # type: ignore[arg-type]
+    await decoded.ping()
+    before = len(await redis_client.client_list())
+    for _ in range(200):
+        topic = Topic(decoded, "orders")
+        assert (await topic.info()).first_id is not None
+        [letter] = await topic.dead_letters()
+        assert letter.fields == BINARY
+    assert len(await redis_client.client_list()) == before

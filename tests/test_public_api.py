@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import pickle
+import pydoc
+import typing
 from pathlib import Path
 
+import msgspec
 import pytest
 
 import redcurrent
@@ -78,3 +82,66 @@ def test_errors_survive_pickling(error: redcurrent.RedcurrentError) -> None:
 def test_public_names_show_the_package_module() -> None:
     assert redcurrent.StreamConsumer.__module__ == "redcurrent"
     assert repr(redcurrent.StopReason.STOPPED) == "<StopReason.STOPPED: 'stopped'>"
+
+
+DOCUMENTED = [name for name in redcurrent.__all__ if name != "__version__"]
+STRUCTS = [
+    name
+    for name in redcurrent.__all__
+    if isinstance(getattr(redcurrent, name), type)
+    and issubclass(getattr(redcurrent, name), msgspec.Struct)
+]
+
+
+@pytest.mark.parametrize("name", DOCUMENTED)
+def test_help_renders_every_public_name(name: str) -> None:
+    # help(X) is pydoc.render_doc(X) printed; it evaluates the annotations of
+    # msgspec Structs (their __signature__) in the module named by __module__.
+    text = pydoc.render_doc(getattr(redcurrent, name), renderer=pydoc.plaintext)
+    assert name in text
+    assert "redcurrent" in text
+
+
+def test_help_shows_the_fields_of_message_and_dead_letter() -> None:
+    message = pydoc.render_doc(redcurrent.Message, renderer=pydoc.plaintext)
+    assert "data: ~T" in message
+    assert "delivery_count: int = 1" in message
+    letter = pydoc.render_doc(redcurrent.DeadLetter, renderer=pydoc.plaintext)
+    assert "data: Any" in letter
+    assert "fields: dict[bytes, bytes]" in letter
+
+
+def test_structs_are_listed() -> None:
+    assert {"Message", "DeadLetter", "TopicInfo", "GroupInfo", "CleanupPolicy"} <= set(STRUCTS)
+
+
+@pytest.mark.parametrize("name", STRUCTS)
+def test_struct_annotations_resolve(name: str) -> None:
+    cls = getattr(redcurrent, name)
+    hints = typing.get_type_hints(cls)
+    assert set(hints) == set(cls.__struct_fields__)
+    assert list(inspect.signature(cls).parameters) == list(cls.__struct_fields__)
+
+
+def test_messages_and_dead_letters_decode_with_msgspec() -> None:
+    # msgspec resolves the annotations too, to build a decoder for the type.
+    msg = redcurrent.Message[int](id="1-0", type="t", data=7, metadata={}, stream="s")
+    assert msgspec.json.decode(msgspec.json.encode(msg), type=redcurrent.Message[int]) == msg
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(msgspec.json.encode(msg), type=redcurrent.Message[str])
+    letter = redcurrent.DeadLetter(
+        id="2-0",
+        original_id="1-0",
+        type="t",
+        data={"a": 1},
+        metadata={},
+        group="g",
+        consumer="c",
+        reason="r",
+        error_type="E",
+        delivery_count=1,
+        failed_at=1.5,
+        fields={b"type": b"t", b"data": b'{"a":1}'},
+    )
+    copy = msgspec.msgpack.decode(msgspec.msgpack.encode(letter), type=redcurrent.DeadLetter)
+    assert copy == letter

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -24,17 +25,48 @@ async def read_all(client: redis.asyncio.Redis, stream: str) -> list[Any]:
     return [decode_message(i.decode(), f, stream, PLAIN) for i, f in reply]
 
 
-async def test_publish_returns_ids_in_order(redis_client: redis.asyncio.Redis) -> None:
+#: The two ways to publish; tests that hold for both run once for each.
+VIA = ["publish", "publish_many"]
+
+
+async def publish_all(
+    topic: Topic,
+    via: str,
+    items: Iterable[tuple[Any, Any, Any]],
+    *,
+    maxlen: int | None = None,
+) -> list[str]:
+    """``(type, data, metadata)`` items, one ``publish`` each or one ``publish_many``."""
+    if via == "publish":
+        return [await topic.publish(t, d, metadata=m, maxlen=maxlen) for t, d, m in items]
+    return await topic.publish_many(items, maxlen=maxlen)
+
+
+@pytest.mark.parametrize(
+    ("via", "count"),
+    [
+        ("publish", 20),
+        ("publish_many", 20),
+        ("publish_many", PUBLISH_CHUNK),
+        ("publish_many", PUBLISH_CHUNK + 1),
+        ("publish_many", 3 * PUBLISH_CHUNK + 17),
+    ],
+)
+async def test_ids_come_back_in_order_and_entries_round_trip(
+    redis_client: redis.asyncio.Redis, via: str, count: int
+) -> None:
     topic = Topic(redis_client, "orders")
-    ids = [await topic.publish("email", {"n": n}, metadata={"i": str(n)}) for n in range(20)]
+    # A generator: publish_many must not need len() or indexing.
+    items = ((f"t{n % 3}", {"n": n}, {"n": str(n)}) for n in range(count))
+    ids = await publish_all(topic, via, items)
     assert all(isinstance(i, str) for i in ids)
+    assert len(set(ids)) == count
     assert ids == sorted(ids, key=id_key)
-    assert len(set(ids)) == 20
     messages = await read_all(redis_client, "orders")
     assert [m.id for m in messages] == ids
-    assert [m.data for m in messages] == [{"n": n} for n in range(20)]
-    assert [m.metadata for m in messages] == [{"i": str(n)} for n in range(20)]
-    assert {m.type for m in messages} == {"email"}
+    assert [m.data["n"] for m in messages] == list(range(count))
+    assert [m.metadata for m in messages] == [{"n": str(n)} for n in range(count)]
+    assert [m.type for m in messages] == [f"t{n % 3}" for n in range(count)]
 
 
 async def test_publish_defaults(redis_client: redis.asyncio.Redis) -> None:
@@ -71,46 +103,40 @@ async def test_publish_many_empty(redis_client: redis.asyncio.Redis) -> None:
     assert await redis_client.exists("orders") == 0
 
 
-@pytest.mark.parametrize("count", [PUBLISH_CHUNK, PUBLISH_CHUNK + 1, 3 * PUBLISH_CHUNK + 17])
-async def test_publish_many_chunks_keep_order_and_count(
-    redis_client: redis.asyncio.Redis, count: int
+@pytest.mark.parametrize("via", VIA)
+@pytest.mark.parametrize(
+    ("type_", "metadata", "maxlen", "error", "match"),
+    [
+        pytest.param("t", {"k": 1}, None, TypeError, "metadata", id="metadata-int"),
+        pytest.param("t", {"k": None}, None, TypeError, "metadata", id="metadata-none"),
+        pytest.param("t", {"k": b"v"}, None, TypeError, "metadata", id="metadata-bytes"),
+        pytest.param("t", {2: "v"}, None, TypeError, "metadata", id="metadata-int-key"),
+        pytest.param("", None, None, ConfigurationError, "type", id="type-empty"),
+        pytest.param(None, None, None, ConfigurationError, "type", id="type-none"),
+        pytest.param(b"email", None, None, ConfigurationError, "type", id="type-bytes"),
+        pytest.param(3, None, None, ConfigurationError, "type", id="type-int"),
+        pytest.param("t", None, -1, ConfigurationError, "maxlen", id="maxlen-negative"),
+        pytest.param("t", None, 1.5, ConfigurationError, "maxlen", id="maxlen-float"),
+        pytest.param("t", None, "10", ConfigurationError, "maxlen", id="maxlen-str"),
+        pytest.param("t", None, True, ConfigurationError, "maxlen", id="maxlen-bool"),
+    ],
+)
+async def test_invalid_calls_raise_and_write_nothing(
+    redis_client: redis.asyncio.Redis,
+    via: str,
+    type_: Any,
+    metadata: Any,
+    maxlen: Any,
+    error: type[Exception],
+    match: str,
 ) -> None:
     topic = Topic(redis_client, "orders")
-    # A generator: publish_many must not need len() or indexing.
-    items = ((f"t{n % 3}", {"n": n}, {"n": str(n)}) for n in range(count))
-    ids = await topic.publish_many(items)
-    assert len(ids) == count
-    assert len(set(ids)) == count
-    assert ids == sorted(ids, key=id_key)
-    assert await redis_client.xlen("orders") == count
-    messages = await read_all(redis_client, "orders")
-    assert [m.id for m in messages] == ids
-    assert [m.data["n"] for m in messages] == list(range(count))
-    assert [m.metadata["n"] for m in messages] == [str(n) for n in range(count)]
-    assert [m.type for m in messages] == [f"t{n % 3}" for n in range(count)]
-
-
-@pytest.mark.parametrize("metadata", [{"k": 1}, {"k": None}, {"k": b"v"}, {2: "v"}])
-async def test_metadata_must_be_str_to_str(
-    redis_client: redis.asyncio.Redis, metadata: dict[Any, Any]
-) -> None:
-    topic = Topic(redis_client, "orders")
-    with pytest.raises(TypeError, match="metadata"):
-        await topic.publish("t", {}, metadata=metadata)
-    with pytest.raises(TypeError, match="metadata"):
-        await topic.publish_many([("t", {}, metadata)])
-    assert await redis_client.exists("orders") == 0
-
-
-@pytest.mark.parametrize("bad_type", ["", None, b"email", 3])
-async def test_type_must_be_a_non_empty_str(
-    redis_client: redis.asyncio.Redis, bad_type: Any
-) -> None:
-    topic = Topic(redis_client, "orders")
-    with pytest.raises(ConfigurationError):
-        await topic.publish(bad_type, {})
-    with pytest.raises(ConfigurationError):
-        await topic.publish_many([("ok", {}), (bad_type, {})])
+    # publish_many gets a valid item first: the whole chunk fails before it is sent.
+    items = (
+        [(type_, {}, metadata)] if via == "publish" else [("ok", {}, None), (type_, {}, metadata)]
+    )
+    with pytest.raises(error, match=match):
+        await publish_all(topic, via, items, maxlen=maxlen)
     assert await redis_client.exists("orders") == 0
 
 
@@ -122,8 +148,10 @@ async def test_bad_item_in_a_later_chunk_fails_before_sending_it(
     items.append(("", {}))
     with pytest.raises(ConfigurationError):
         await topic.publish_many(items)
-    # Only whole chunks before the bad item may have been sent.
-    assert await redis_client.xlen("orders") in (0, PUBLISH_CHUNK)
+    # The first chunk was full, hence sent, before the bad item was reached; the
+    # second, which holds it, was not.
+    reply = await redis_client.xrange("orders")
+    assert [f[b"data"] for _, f in reply] == [b'{"n":%d}' % n for n in range(PUBLISH_CHUNK)]
 
 
 def test_empty_topic_name_is_rejected(redis_client: redis.asyncio.Redis) -> None:
@@ -131,31 +159,50 @@ def test_empty_topic_name_is_rejected(redis_client: redis.asyncio.Redis) -> None
         Topic(redis_client, "")
 
 
-async def test_unencodable_data_raises_type_error(redis_client: redis.asyncio.Redis) -> None:
+@pytest.mark.parametrize("via", VIA)
+async def test_unencodable_data_raises_type_error(
+    redis_client: redis.asyncio.Redis, via: str
+) -> None:
     topic = Topic(redis_client, "orders")
     with pytest.raises(TypeError):
-        await topic.publish("t", {"x": object()})
+        await publish_all(topic, via, [("t", {"x": object()}, None)])
     assert await redis_client.exists("orders") == 0
 
 
-async def test_maxlen_caps_the_stream(redis_client: redis.asyncio.Redis) -> None:
+@pytest.mark.parametrize("via", VIA)
+async def test_maxlen_caps_the_stream_approximately(
+    redis_client: redis.asyncio.Redis, via: str
+) -> None:
     topic = Topic(redis_client, "capped")
-    for _ in range(5):
-        await topic.publish_many([("t", {"n": n}) for n in range(400)], maxlen=100)
-    length = await redis_client.xlen("capped")
-    # Approximate trimming removes whole radix-tree nodes (100 entries by default).
-    assert 100 <= length < 400
-    await topic.publish("t", {}, maxlen=100)
-    assert 100 <= await redis_client.xlen("capped") < 400
+    node = int(
+        (await redis_client.config_get("stream-node-max-entries"))["stream-node-max-entries"]
+    )
+    ids: list[str] = []
+    for start in range(0, 1000, 250):
+        batch = [("t", {"n": n}, None) for n in range(start, start + 250)]
+        ids += await publish_all(topic, via, batch, maxlen=100)
+    kept = [i.decode() for i, _ in await redis_client.xrange("capped")]
+    # "~" removes whole radix-tree nodes only: never below the cap, and less than
+    # one node above it. The newest entries are the ones kept.
+    assert 100 <= len(kept) < 100 + node
+    assert kept == ids[-len(kept) :]
 
 
-async def test_maxlen_publish_one_by_one(redis_client: redis.asyncio.Redis) -> None:
-    topic = Topic(redis_client, "capped")
-    for n in range(1000):
-        await topic.publish("t", {"n": n}, maxlen=50)
-    assert 50 <= await redis_client.xlen("capped") <= 150
-    last = await redis_client.xrevrange("capped", count=1)
-    assert last[0][1][b"data"] == b'{"n":999}'
+@pytest.mark.parametrize("via", VIA)
+async def test_maxlen_zero_keeps_no_entry(redis_client: redis.asyncio.Redis, via: str) -> None:
+    topic = Topic(redis_client, "orders")
+    ids = await publish_all(topic, via, [("t", {"n": n}, None) for n in range(10)], maxlen=0)
+    assert len(set(ids)) == 10
+    assert ids == sorted(ids, key=id_key)
+    # XADD MAXLEN ~ 0: each new entry sits alone in the last node, which is whole
+    # and above the cap, so the server removes it at once. The ids were issued
+    # (the stream remembers the last one) but no entry stays.
+    assert await redis_client.xlen("orders") == 0
+    info = await redis_client.xinfo_stream("orders")
+    assert info["last-generated-id"].decode() == ids[-1]
+    # None, unlike 0, is no cap at all.
+    more = await publish_all(topic, via, [("t", {"n": n}, None) for n in range(10)])
+    assert [i.decode() for i, _ in await redis_client.xrange("orders")] == more
 
 
 async def test_decode_responses_client_publishes(redis_url: str) -> None:
@@ -217,23 +264,3 @@ async def test_publish_many_rejects_malformed_items(
     with pytest.raises(ConfigurationError, match="items are"):
         await topic.publish_many([("ok", {}), item])  # type: ignore[list-item]
     assert await redis_client.exists("orders") == 0
-
-
-@pytest.mark.parametrize("maxlen", [-1, 1.5, "10", True])
-async def test_maxlen_must_be_a_non_negative_int(
-    redis_client: redis.asyncio.Redis, maxlen: Any
-) -> None:
-    topic = Topic(redis_client, "orders")
-    with pytest.raises(ConfigurationError, match="maxlen"):
-        await topic.publish("t", {}, maxlen=maxlen)
-    with pytest.raises(ConfigurationError, match="maxlen"):
-        await topic.publish_many([("t", {})], maxlen=maxlen)
-    assert await redis_client.exists("orders") == 0
-
-
-async def test_maxlen_zero_is_allowed(redis_client: redis.asyncio.Redis) -> None:
-    topic = Topic(redis_client, "orders")
-    ids = await topic.publish_many([("t", {"n": n}) for n in range(10)], maxlen=0)
-    assert len(ids) == 10
-    # "~" trims whole nodes only, so a few entries may stay; never more than written.
-    assert await redis_client.xlen("orders") <= 10

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from redis.client import NEVER_DECODE
 
 from ._redis import AnyRedis, as_str
 from ._scripts import DEAD_LETTER, DEAD_LETTER_FIELD_PREFIX, REPLAY
@@ -120,8 +121,16 @@ def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
 
 
 async def read_dead_letters(topic: Topic, count: int, *, start: str = "-") -> list[DeadLetter]:
-    redis = topic.redis
-    reply: Any = await redis.xrange(topic.keys.dead_letters, min=start, max="+", count=count)
+    """The oldest ``count`` dead letters from ``start`` on, read as bytes.
+
+    Dead letters are often exactly the entries that are not UTF-8, so the
+    reply is never decoded by redis-py, whatever the client's
+    ``decode_responses`` (``NEVER_DECODE`` reads this one reply raw, on the
+    client's own connections; no second pool is needed).
+    """
+    reply: Any = await topic.redis.execute_command(
+        "XRANGE", topic.keys.dead_letters, start, "+", "COUNT", count, **{NEVER_DECODE: []}
+    )
     return [_parse(_b(entry_id), _bytes_fields(fields)) for entry_id, fields in reply]
 
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from redis import exceptions as rex
+from redis.client import NEVER_DECODE
 
 from ._errors import Fault, classify
 from ._redis import as_str
@@ -68,7 +69,9 @@ async def topic_info(topic: Topic) -> TopicInfo:
     """
     keys = topic.keys
     pipe = topic.redis.pipeline(transaction=False)
-    pipe.xinfo_stream(keys.stream)
+    # The first and last entries come with their fields, which need not be
+    # UTF-8: read that reply raw even on a client with decode_responses=True.
+    pipe.execute_command("XINFO STREAM", keys.stream, **{NEVER_DECODE: []})
     pipe.xinfo_groups(keys.stream)
     pipe.smembers(keys.stopped)
     pipe.xlen(keys.dead_letters)

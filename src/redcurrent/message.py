@@ -1,6 +1,11 @@
-"""The values users handle: messages, start positions, stop reasons, topic info."""
+"""The values users handle: messages, start positions, stop reasons, topic info.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: ``redcurrent/__init__.py``
+re-homes these classes to ``redcurrent``, and :func:`typing.get_type_hints`
+(which ``help()``, ``inspect.signature`` and msgspec use) would then look
+string annotations such as ``T`` or ``Any`` up in the wrong module. Plain
+annotations are evaluated here, once, where every name is defined.
+"""
 
 import enum
 from typing import Any, Generic, TypeVar

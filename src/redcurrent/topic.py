@@ -31,6 +31,10 @@ class Topic:
     """Publish to a stream and administer it (info, stop/resume, terminate, cleanup).
 
     A ``Topic`` holds no state but names: create one wherever it is handy.
+    Any client works, also one created with ``decode_responses=True``
+    (standalone or cluster): replies that carry entry fields (:meth:`info`,
+    :meth:`dead_letters`) are read as bytes on the client's own connections,
+    so entries that are not UTF-8, the usual dead letters, never break them.
     """
 
     def __init__(self, redis: AnyRedis, name: str) -> None:
@@ -146,7 +150,12 @@ class Topic:
         await control.terminate(self)
 
     async def cleanup(self, policy: CleanupPolicy | None = None) -> int:
-        """Remove entries every group has acknowledged; returns how many went."""
+        """Remove entries every group has acknowledged; returns how many went.
+
+        The same run drops stopped ids whose entries are gone for good and,
+        with ``policy.dead_letter_retention``, old dead letters (neither is
+        counted in the result). See :func:`redcurrent.cleanup.cleanup`.
+        """
         return await cleanup.cleanup(self, policy)
 
     async def dead_letters(self, count: int = 100, *, start: str = "-") -> list[DeadLetter]:
