@@ -24,7 +24,7 @@ __all__ = [
     "raw_reply_client",
 ]
 
-AnyRedis: TypeAlias = "aredis.Redis | RedisCluster"
+AnyRedis: TypeAlias = aredis.Redis | RedisCluster
 Entry: TypeAlias = tuple[bytes, dict[bytes, bytes]]
 
 
