@@ -129,3 +129,40 @@ def nothing_pending(client: redis.asyncio.Redis, stream: str, group: str) -> Pre
         return await pending_count(client, stream, group) == 0
 
     return check
+
+
+# -- added for tests/test_faults.py --------------------------------------------------
+
+
+async def wait_while_running(
+    consumers: Any,
+    predicate: Predicate,
+    timeout: float = 10.0,  # noqa: ASYNC109
+    interval: float = 0.02,
+) -> None:
+    """Like :func:`wait_until`, but fail at once, naming the stop reason and the
+    error, when one of ``consumers`` (a consumer or an iterable of them) stops
+    meanwhile: a consumer that died must not be reported as a timeout later."""
+    group = list(consumers) if isinstance(consumers, list | tuple | set) else [consumers]
+
+    async def check() -> bool:
+        for consumer in group:
+            if consumer.stop_reason is not None:
+                raise AssertionError(
+                    f"{consumer!r} stopped ({consumer.stop_reason.value}): {consumer.error!r}"
+                )
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        return bool(result)
+
+    await wait_until(check, timeout=timeout, interval=interval)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connections are refused at once)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -28,6 +28,9 @@ logger = logging.getLogger("redcurrent.consumer")
 
 R = TypeVar("R")
 
+#: Longer than any entry can have been idle (about 146,000 years).
+_NEVER_IDLE_MS = 2**62
+
 
 class GroupMember:
     __slots__ = ("group", "keys", "last_read", "name", "on_gone", "outage", "redis", "stream")
@@ -93,6 +96,25 @@ class GroupMember:
             return None
         parts = as_str(version).split(".")
         return tuple(int(p) for p in parts if p.isdigit())
+
+    async def check_access(self) -> None:
+        """At start, send once each command the loops send outside scripts, in
+        a form that changes nothing, so that an ACL user lacking one fails the
+        start (:class:`AccessDeniedError`) instead of a loop later on."""
+        stream, group, name = self.stream, self.group, self.name
+
+        async def probe() -> Any:
+            pipe = self.redis.pipeline(transaction=False)
+            # An idle time no entry has: claims nothing.
+            pipe.execute_command(
+                "XAUTOCLAIM", stream, group, name, _NEVER_IDLE_MS, "0-0", "COUNT", 1, "JUSTID"
+            )
+            pipe.execute_command("XPENDING", stream, group)
+            pipe.execute_command("XACK", stream, group, "0-1")  # not a real entry
+            pipe.execute_command("XINFO", "CONSUMERS", stream, group)
+            return await pipe.execute()
+
+        await self.call("permission check", probe)
 
     async def create_group(self, start: str) -> bool:
         """Create the group at ``start`` (and the stream if missing); False if

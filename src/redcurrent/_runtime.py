@@ -179,6 +179,7 @@ class Runtime:
         started = False
         try:
             await self._create_group()
+            await self.member.check_access()
             await self._fit_block_to_server()
             async with anyio.create_task_group() as services:
                 await services.start(self._listen_for_control, control)
@@ -214,7 +215,12 @@ class Runtime:
                 services.cancel_scope.cancel()
         except Exception as exc:
             if not started:
-                raise  # from __aenter__: the caller sees why it could not start
+                # From __aenter__: the caller sees why it could not start, as
+                # itself rather than inside the task group's exception group.
+                sole = _sole(exc)
+                if sole is exc:
+                    raise
+                raise sole from sole.__cause__
             # Never let a failure escape into the host's task group, where it
             # would cancel the code running inside ``async with consumer``.
             logger.exception("%s: unrecoverable error; stopped", self)
@@ -386,3 +392,12 @@ class Runtime:
     def _on_terminate(self) -> None:
         logger.warning("%s: topic terminated; stopping", self)
         self.request_stop(StopReason.TERMINATED, hard=True)
+
+
+def _sole(exc: Exception) -> Exception:
+    """The one exception inside (nested) exception groups, else ``exc``."""
+    while True:
+        inner = getattr(exc, "exceptions", None)  # an (Base)ExceptionGroup
+        if not isinstance(inner, tuple) or len(inner) != 1 or not isinstance(inner[0], Exception):
+            return exc
+        exc = inner[0]
