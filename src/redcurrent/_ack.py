@@ -7,6 +7,7 @@ hundreds of ids. Workers only append to a list; one task sends them.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -23,10 +24,18 @@ class Acker:
     """Collects handled ids and acknowledges them in batches, through the
     member's retrying call (transient faults wait, a vanished group raises)."""
 
-    __slots__ = ("_delay", "_ids", "_lock", "_member", "_wake", "acked")
+    __slots__ = ("_delay", "_ids", "_lock", "_member", "_wake", "acked", "on_acked")
 
-    def __init__(self, member: GroupMember, delay: float = 0.002) -> None:
+    def __init__(
+        self,
+        member: GroupMember,
+        delay: float = 0.002,
+        on_acked: Callable[[int], None] | None = None,
+    ) -> None:
+        """``on_acked(n)`` is told of every batch sent, so that room held by
+        entries waiting for their XACK is given back only once it is sent."""
         self._member = member
+        self.on_acked = on_acked
         self._delay = delay
         self._ids: list[bytes] = []
         self._wake = anyio.Event()
@@ -66,6 +75,8 @@ class Acker:
                     self._ids[:0] = batch
                     raise
                 self.acked += len(batch)
+                if self.on_acked is not None:
+                    self.on_acked(len(batch))
 
     async def _xack(self, batch: list[bytes]) -> Any:
         member = self._member

@@ -106,20 +106,27 @@ class Claimer:
         self._dispatcher = dispatcher
         self._min_idle_ms = max(1, int(claim_idle * 1000))
         self._interval = interval
-        self._count = count
+        self.count = count
         self._cursor: bytes = b"0-0"
         self._ack_deleted = member.redis.register_script(ACK_DELETED)
 
     async def run(self) -> None:
+        dispatcher = self._dispatcher
+        # While a pass runs, the reader leaves this much room to it: else a
+        # reader blocked on an idle stream would hold all of it for ``block``
+        # seconds at every step of the pass.
+        share = min(self.count, dispatcher.prefetch // 4)
         while True:
+            dispatcher.claim_share = share
             await self.claim_once()
             if self._cursor == b"0-0":
+                dispatcher.claim_share = 0
                 await anyio.sleep(self._interval)
 
     async def claim_once(self) -> int:
         """One XAUTOCLAIM step from the kept cursor; returns entries claimed."""
         dispatcher = self._dispatcher
-        n = await dispatcher.reserve(self._count)
+        n = await dispatcher.reserve(self.count)
         try:
             return await self._claim(n)
         finally:
@@ -182,7 +189,7 @@ class Claimer:
                 member.group,
                 start,
                 end,
-                self._count * 10 + len(held),
+                self.count * 10 + len(held),
                 consumername=member.name,
             ),
         )

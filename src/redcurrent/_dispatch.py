@@ -127,6 +127,11 @@ class Dispatcher:
         self.parked: dict[bytes, Item] = {}
         #: room promised to reads and claims in flight (see :meth:`reserve`).
         self.reserved = 0
+        #: room the reader leaves to a claim pass in progress (see :meth:`reserve`).
+        self.claim_share = 0
+        #: settled entries whose XACK has not been sent yet: still in the PEL
+        #: as this consumer's, so they still count against ``prefetch``.
+        self.unacked = 0
         #: resumed messages: deliveries made while they were stopped do not count.
         self.resumed: set[bytes] = set()
         #: delivery counters to write back to the PEL (see ``_lease.Recounter``).
@@ -190,20 +195,30 @@ class Dispatcher:
         return len(self.held) - len(self.parked)
 
     def free(self) -> int:
-        return self.prefetch - self.active - self.reserved
+        return self.prefetch - self.active - self.reserved - self.unacked
 
-    async def reserve(self, want: int) -> int:
+    def acked(self, n: int) -> None:
+        """The acker sent ``n`` acknowledgements: their room is free again."""
+        self.unacked -= n
+        if self._space_waiters:
+            self._signal_space()
+
+    async def reserve(self, want: int, *, reader: bool = False) -> int:
         """Wait for room, then promise up to ``want`` entries of it to one read
         or claim; returns how many. The caller submits what it got and then
         :meth:`unreserve` s the whole reservation, so that the reader and the
         claimer together never take more than ``prefetch``.
+
+        The reader keeps its reservation through a blocking read of up to
+        ``block`` seconds, so while the claimer is in a pass (``claim_share``
+        set) the reader leaves it that much room, which it can have at once.
 
         Waiters go first: a loop that just gave room back cannot take it again
         before the one that was waiting for it.
         """
         if self._space_waiters:
             await anyio.lowlevel.checkpoint()
-        while (free := self.free()) <= 0:
+        while (free := self.free() - (self.claim_share if reader else 0)) <= 0:
             if self._space.is_set():
                 # The reader and the claimer may both wait: they must share
                 # one event, so a set one is replaced only here, once.
@@ -417,6 +432,7 @@ class Dispatcher:
 
     def _settle(self, raw_id: bytes) -> None:
         self._ack(raw_id)
+        self.unacked += 1
         self._release(raw_id)
 
     async def _failed(self, item: Item, exc: BaseException, route: Route) -> None:

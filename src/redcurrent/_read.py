@@ -14,7 +14,12 @@ class Reader:
     command per ``block`` seconds."""
 
     def __init__(
-        self, member: GroupMember, dispatcher: Dispatcher, *, block: float, count: int
+        self,
+        member: GroupMember,
+        dispatcher: Dispatcher,
+        *,
+        block: float,
+        count: int,
     ) -> None:
         # Replies come back as the parser's lists: entries_of builds the dicts once.
         self._redis = raw_reply_client(member.redis, "XREADGROUP")
@@ -30,7 +35,7 @@ class Reader:
         execute = self._redis.execute_command
         head, tail = self._args_head, self._args_tail
         while True:
-            n = await dispatcher.reserve(self._count)
+            n = await dispatcher.reserve(self._count, reader=True)
             try:
                 reply = await self._call("XREADGROUP", lambda n=n: execute(*head, n, *tail))  # type: ignore[misc]
                 entries = entries_of(reply)

@@ -172,6 +172,7 @@ class Runtime:
             is_stopped=control.is_stopped,
             prefetch=self._effective_prefetch(),
         )
+        acker.on_acked = dispatcher.acked
         if self.router.batch_types:
             self._batcher = Batcher(settings.batch, dispatcher.enqueue_batch)
             dispatcher.batcher = self._batcher
@@ -322,7 +323,10 @@ class Runtime:
                 member, dispatcher, claim_idle=claim_idle, interval=max(0.05, claim_idle / 2)
             )
             reader = Reader(
-                member, dispatcher, block=self._block, count=min(500, dispatcher.prefetch)
+                member,
+                dispatcher,
+                block=self._block,
+                count=min(500, dispatcher.prefetch),
             )
             await self._guard(recover_own_pending, member, dispatcher)
             async with anyio.create_task_group() as feeders:

@@ -640,8 +640,6 @@ class AutoCleaner:
         if not trim_stream and self.policy.dead_letter_retention is None:
             return 0
         ttl_ms = int(LOCK_TTL * 1000)
-        if not await redis.set(keys.cleanup_lock, self.owner, nx=True, px=ttl_ms):
-            return 0
         renewed_at = time.monotonic()
 
         async def keep_going() -> bool:
@@ -656,14 +654,24 @@ class AutoCleaner:
             self.removed += step_removed
 
         cleaner = _Cleaner(self.topic, self.policy)
+        # From the SET on, the lock may be ours even if a cancellation takes
+        # the reply away; releasing deletes it only if it holds our name.
+        maybe_ours = True
         try:
+            if not await redis.set(keys.cleanup_lock, self.owner, nx=True, px=ttl_ms):
+                maybe_ours = False
+                return 0
+            renewed_at = time.monotonic()
             removed = await cleaner.run(keep_going, trim_stream=trim_stream, on_removed=count)
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
-                try:
-                    await self._release(keys=[keys.cleanup_lock], args=[self.owner])
-                except Exception as exc:  # the lock expires by itself
-                    logger.debug("could not release the cleanup lock of %r: %s", keys.stream, exc)
+            if maybe_ours:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+                    try:
+                        await self._release(keys=[keys.cleanup_lock], args=[self.owner])
+                    except Exception as exc:  # the lock expires by itself
+                        logger.debug(
+                            "could not release the cleanup lock of %r: %s", keys.stream, exc
+                        )
         self.runs += 1
         self.dead_letters_removed += cleaner.dead_letters_removed
         self.stopped_removed += cleaner.stopped_removed
