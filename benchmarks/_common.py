@@ -1,8 +1,8 @@
 """Shared pieces of the benchmark suite: the private server, the payload, stream filling.
 
 Every benchmark runs against a private ``redis-server`` started through
-:func:`redcurrent.testing.redis_url_for_demo` (``REDIS_URL`` and containers are switched
-off for the suite), never against a shared server.
+:func:`redcurrent.testing.redis_url_for_demo` (``REDCURRENT_TEST_REDIS_URL`` and containers are
+switched off for the suite), never against a shared server.
 """
 
 from __future__ import annotations
@@ -63,13 +63,13 @@ def _is_shared(url: str) -> bool:
 def private_redis_url() -> Iterator[str]:
     """A private redis-server for the whole suite, stopped on exit.
 
-    ``REDIS_URL`` and Docker are ignored on purpose: benchmark numbers from a shared or
-    containerised server are neither safe to produce nor comparable between runs.
+    ``REDCURRENT_TEST_REDIS_URL`` and Docker are ignored on purpose: benchmark numbers from
+    a shared or containerised server are neither safe to produce nor comparable between runs.
     """
     from redcurrent.testing import redis_url_for_demo
 
-    saved = {k: os.environ.get(k) for k in ("REDIS_URL", "REDCURRENT_DOCKER")}
-    os.environ["REDIS_URL"] = ""
+    saved = {k: os.environ.get(k) for k in ("REDCURRENT_TEST_REDIS_URL", "REDCURRENT_DOCKER")}
+    os.environ["REDCURRENT_TEST_REDIS_URL"] = ""
     os.environ["REDCURRENT_DOCKER"] = "0"
     try:
         with redis_url_for_demo() as url:

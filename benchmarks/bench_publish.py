@@ -5,8 +5,9 @@ Usage::
     python benchmarks/bench_publish.py [--count N] [--repeat R] [--url URL] [--json PATH]
 
 Without ``--url`` a server is found or started by ``redcurrent.testing.redis_url_for_demo()``
-(``REDIS_URL``, a container, a private ``redis-server``, or the embedded one) and stopped
-afterwards. Point ``--url`` only at a server whose stream ``bench:publish`` you may delete.
+(``REDCURRENT_TEST_REDIS_URL``, a container, a private ``redis-server``, or the embedded
+one) and stopped afterwards. Point ``--url`` only at a server whose stream ``bench:publish``
+you may delete.
 
 Measured side by side in one run, each the median of ``R`` repetitions (the variants take
 turns inside each repetition, on a fresh stream each time):

@@ -7,8 +7,8 @@ Usage::
     nox -s bench -- --quick
 
 Runs against a private ``redis-server`` (started through
-``redcurrent.testing.redis_url_for_demo()``; ``REDIS_URL`` and Docker are ignored) and
-writes ``benchmarks/results/latest.md``, ``latest.json`` and ``throughput.png``
+``redcurrent.testing.redis_url_for_demo()``; ``REDCURRENT_TEST_REDIS_URL`` and Docker are
+ignored) and writes ``benchmarks/results/latest.md``, ``latest.json`` and ``throughput.png``
 (``--quick``: ``quick.md``, ``quick.json``, ``quick-throughput.png``, git-ignored).
 Targets are printed as PASS/MISS; a MISS does not fail the run (benchmarks are not
 tests), only an error does.

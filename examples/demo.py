@@ -1,6 +1,6 @@
 """A walk through every feature of redcurrent, printing what happens.
 
-    pip install nox && nox -s demo          # or: python examples/demo.py [REDIS_URL]
+    pip install nox && nox -s demo          # or: python examples/demo.py [redis://host:port/db]
 
 Without a URL it starts a private redis-server (or the one bundled with
 ``redcurrent[embedded]``) and stops it at the end.

