@@ -127,11 +127,19 @@ class Dispatcher:
         self.parked: dict[bytes, Item] = {}
         #: room promised to reads and claims in flight (see :meth:`reserve`).
         self.reserved = 0
+        #: the reader waits for room (and will send collected acks with its read).
+        self.reader_waiting = False
         #: room the reader leaves to a claim pass in progress (see :meth:`reserve`).
         self.claim_share = 0
         #: settled entries whose XACK has not been sent yet: still in the PEL
         #: as this consumer's, so they still count against ``prefetch``.
         self.unacked = 0
+        #: asks the acker to send what it has now (set by the runtime): called
+        #: when intake waits for room that only acknowledgements can free.
+        self.flush_acks: Callable[[], None] | None = None
+        #: acknowledgements collected and not yet sent: the reader sends them
+        #: ahead of its next read, so their room counts as free for it.
+        self.ack_backlog: Callable[[], int] = lambda: 0
         #: resumed messages: deliveries made while they were stopped do not count.
         self.resumed: set[bytes] = set()
         #: delivery counters to write back to the PEL (see ``_lease.Recounter``).
@@ -218,16 +226,18 @@ class Dispatcher:
         """
         if self._space_waiters:
             await anyio.lowlevel.checkpoint()
-        while (free := self.free() - (self.claim_share if reader else 0)) <= 0:
+        while (free := self.free() + (self.ack_backlog() - self.claim_share if reader else 0)) <= 0:
             if self._space.is_set():
                 # The reader and the claimer may both wait: they must share
                 # one event, so a set one is replaced only here, once.
                 self._space = anyio.Event()
             self._space_waiters += 1
+            self.reader_waiting = reader
             try:
                 await self._space.wait()
             finally:
                 self._space_waiters -= 1
+                self.reader_waiting = False
         granted = min(want, free)
         self.reserved += granted
         return granted
@@ -239,8 +249,14 @@ class Dispatcher:
     def _signal_space(self) -> None:
         # Wake waiters only once half the buffer is free, so that a busy
         # consumer reads in large batches instead of one entry at a time.
-        if self._space_waiters and self.free() >= self.prefetch - self.prefetch // 2:
+        if not self._space_waiters:
+            return
+        free, half = self.free(), self.prefetch - self.prefetch // 2
+        if free + self.ack_backlog() >= half:
+            # The reader sends waiting acknowledgements ahead of its read.
             self._space.set()
+        elif self.unacked and free + self.unacked >= half and self.flush_acks is not None:
+            self.flush_acks()  # only acknowledgements in flight stand in the way
 
     def lose(self, ids: list[bytes]) -> list[bytes]:
         """Another consumer took these over: drop them (a running handler

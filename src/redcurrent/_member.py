@@ -112,7 +112,11 @@ class GroupMember:
             pipe.execute_command("XPENDING", stream, group)
             pipe.execute_command("XACK", stream, group, "0-1")  # not a real entry
             pipe.execute_command("XINFO", "CONSUMERS", stream, group)
-            return await pipe.execute()
+            replies = await pipe.execute(raise_on_error=False)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply  # as the server said it, for classify()
+            return replies
 
         await self.call("permission check", probe)
 

@@ -107,6 +107,7 @@ class Runtime:
         self._work_scope: anyio.CancelScope | None = None
         self._batcher: Batcher | None = None
         self._control: ControlListener | None = None
+        self._acker: Acker | None = None
         self._watchdog_started = False
 
     def __str__(self) -> str:
@@ -153,7 +154,7 @@ class Runtime:
     async def main(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         settings, redis, member = self.settings, self.redis, self.member
         dead = DeadLetterWriter(redis, self.keys, settings.group, settings.name, call=member.call)
-        acker = Acker(member)
+        self._acker = acker = Acker(member)
         self._control = control = ControlListener(
             redis,
             self.keys,
@@ -173,6 +174,9 @@ class Runtime:
             prefetch=self._effective_prefetch(),
         )
         acker.on_acked = dispatcher.acked
+        dispatcher.flush_acks = acker.urge
+        dispatcher.ack_backlog = lambda: acker.waiting
+        acker.reader_will_send = lambda: dispatcher.reader_waiting
         if self.router.batch_types:
             self._batcher = Batcher(settings.batch, dispatcher.enqueue_batch)
             dispatcher.batcher = self._batcher
@@ -327,6 +331,7 @@ class Runtime:
                 dispatcher,
                 block=self._block,
                 count=min(500, dispatcher.prefetch),
+                acker=self._acker,
             )
             await self._guard(recover_own_pending, member, dispatcher)
             async with anyio.create_task_group() as feeders:
