@@ -165,8 +165,9 @@ async def test_a_permission_only_scripts_use_fails_the_consumer_at_once(
         with anyio.fail_after(10):
             async with consumer:
                 assert await consumer.done() == "failed"
-        # Redis reports a command refused inside a script without its name or code.
-        assert "can't run this command" in str(consumer.error)
+        # Redis reports a command refused inside a script without an error code
+        # (and in words that differ between servers): FAILED, with the server's error.
+        assert isinstance(consumer.error, redis.exceptions.ResponseError)
         # Nothing was handled or acknowledged: all five are still pending.
         assert (await client.xpending(STREAM, GROUP))["pending"] == 5
     finally:
