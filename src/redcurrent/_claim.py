@@ -40,18 +40,7 @@ async def delivery_counts(member: GroupMember, ids: list[bytes]) -> dict[bytes, 
     hi = ids[-1]
     page = len(ids) + 64
     while True:
-        rows: list[dict[str, Any]] = await member.call(
-            "XPENDING",
-            functools.partial(
-                member.redis.xpending_range,
-                member.stream,
-                member.group,
-                lo,
-                hi,
-                page,
-                consumername=member.name,
-            ),
-        )
+        rows = await member.own_pending(lo, hi, page)
         for row in rows:
             if row["message_id"] in wanted:
                 counts[row["message_id"]] = int(row["times_delivered"])
@@ -181,17 +170,8 @@ class Claimer:
         ``cursor`` whose stream entry is gone (the nils of a 6.2 XAUTOCLAIM)."""
         member, held = self._member, self._dispatcher.held
         end = b"+" if cursor == b"0-0" else b"(" + cursor
-        rows: list[dict[str, Any]] = await member.call(
-            "XPENDING",
-            functools.partial(
-                member.redis.xpending_range,
-                member.stream,
-                member.group,
-                start,
-                end,
-                self.count * 10 + len(held),
-                consumername=member.name,
-            ),
+        rows: list[dict[str, Any]] = await member.own_pending(
+            start, end, self.count * 10 + len(held)
         )
         candidates = [
             r["message_id"]

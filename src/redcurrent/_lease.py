@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
 
 import anyio
 
@@ -51,18 +50,7 @@ class LeaseKeeper:
         member = self._member
         start: bytes = b"-"
         while True:
-            rows: list[dict[str, Any]] = await member.call(
-                "XPENDING",
-                functools.partial(
-                    member.redis.xpending_range,
-                    member.stream,
-                    member.group,
-                    start,
-                    b"+",
-                    CHUNK,
-                    consumername=member.name,
-                ),
-            )
+            rows = await member.own_pending(start, b"+", CHUNK)
             ids = [row["message_id"] for row in rows]
             if ids:
                 await self._set_idle(ids, int(idle * 1000))

@@ -76,6 +76,17 @@ class GroupMember:
                 self.outage.recovered()
             return result
 
+    async def own_pending(self, lo: bytes, hi: bytes, count: int) -> list[dict[str, Any]]:
+        """This consumer's pending entries from ``lo`` to ``hi`` (``(id`` for an
+        exclusive bound), at most ``count``: id, idle time, delivery count."""
+        rows: list[dict[str, Any]] = await self.call(
+            "XPENDING",
+            lambda: self.redis.xpending_range(
+                self.stream, self.group, lo, hi, count, consumername=self.name
+            ),
+        )
+        return rows
+
     async def server_version(self) -> tuple[int, ...] | None:
         """``redis_version`` of the server (Valkey reports its compatibility
         level), or None when it cannot be read (a cluster, a proxy)."""
