@@ -45,8 +45,9 @@ class Acker:
         delay: float = 0.002,
         on_acked: Callable[[int], None] | None = None,
     ) -> None:
-        """``on_acked(n)`` is told of every batch sent, so that room held by
-        entries waiting for their XACK is given back only once it is sent."""
+        """``on_acked(n)`` is told of every batch as it is sent (and of ``-n``
+        if sending failed), so that room held by entries waiting for their
+        XACK is given back only once it is on its way."""
         self._member = member
         self.on_acked = on_acked
         #: True while the reader waits for room and will send the collected ids
@@ -108,14 +109,18 @@ class Acker:
             while self._ids:
                 batch = self._ids[:MAX_IDS_PER_ACK]
                 del self._ids[:MAX_IDS_PER_ACK]
+                # Their room is free once the XACK is on its way: the server
+                # runs it before any read this consumer sends after it.
+                if self.on_acked is not None:
+                    self.on_acked(len(batch))
                 try:
                     await self._member.call("XACK", functools.partial(self._xack, batch))
                 except BaseException:
                     self._ids[:0] = batch
+                    if self.on_acked is not None:
+                        self.on_acked(-len(batch))
                     raise
                 self.acked += len(batch)
-                if self.on_acked is not None:
-                    self.on_acked(len(batch))
 
     async def _xack(self, batch: list[bytes]) -> Any:
         member = self._member

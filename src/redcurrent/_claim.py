@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -97,6 +98,7 @@ class Claimer:
         self._interval = interval
         self.count = count
         self._cursor: bytes = b"0-0"
+        self.flush_acks: Callable[[], Awaitable[None]] | None = None
         self._ack_deleted = member.redis.register_script(ACK_DELETED)
 
     async def run(self) -> None:
@@ -106,15 +108,20 @@ class Claimer:
         # seconds at every step of the pass.
         share = min(self.count, dispatcher.prefetch // 4)
         while True:
-            dispatcher.claim_share = share
+            dispatcher.set_claim_share(share)
             await self.claim_once()
             if self._cursor == b"0-0":
-                dispatcher.claim_share = 0
+                dispatcher.set_claim_share(0)
                 await anyio.sleep(self._interval)
 
     async def claim_once(self) -> int:
         """One XAUTOCLAIM step from the kept cursor; returns entries claimed."""
         dispatcher = self._dispatcher
+        if self.flush_acks is not None:
+            # Entries this consumer finished but has not acknowledged yet are
+            # pending and idle: send those acks first, or it would claim its
+            # own finished work back and run it again.
+            await self.flush_acks()
         n = await dispatcher.reserve(self.count)
         try:
             return await self._claim(n)

@@ -149,6 +149,7 @@ class Dispatcher:
         self._work = anyio.Event()
         self._space = anyio.Event()
         self._space_waiters = 0
+        self._countdown = 0
         self._slots: list[_Slot] = []
         self._batch_types: dict[bytes, Route] = {
             t.encode(): r for t, r in router.routes.items() if r.batch
@@ -164,10 +165,17 @@ class Dispatcher:
         queue = self.queue
         batched = self._batch_types and self.batcher is not None
         fresh = 0
+        lost = self.lost
         for raw_id, fields in entries:
             if raw_id in held:
                 continue  # already ours (a claim of an entry we still hold)
             held.add(raw_id)
+            if lost and raw_id in lost:
+                # Claimed back while its lost copy is still queued or running:
+                # that copy serves this delivery; a second one would run twice.
+                lost.discard(raw_id)
+                fresh += 1
+                continue
             fresh += 1
             item: Item = (raw_id, fields, counts.get(raw_id, 1) if counts else 1)
             if batched:
@@ -226,12 +234,13 @@ class Dispatcher:
         """
         if self._space_waiters:
             await anyio.lowlevel.checkpoint()
-        while (free := self.free() + (self.ack_backlog() - self.claim_share if reader else 0)) <= 0:
+        while (free := self._room(reader)) <= 0:
             if self._space.is_set():
                 # The reader and the claimer may both wait: they must share
                 # one event, so a set one is replaced only here, once.
                 self._space = anyio.Event()
             self._space_waiters += 1
+            self._countdown = 0  # check at the next release
             self.reader_waiting = reader
             try:
                 await self._space.wait()
@@ -241,6 +250,22 @@ class Dispatcher:
         granted = min(want, free)
         self.reserved += granted
         return granted
+
+    def set_claim_share(self, share: int) -> None:
+        """A claim pass starts (``share`` > 0) or ends (0)."""
+        lower = share < self.claim_share
+        self.claim_share = share
+        if lower and self._space_waiters:
+            self._space.set()  # the reader may take what the pass left
+
+    def _room(self, reader: bool) -> int:
+        if not reader:
+            return self.free()
+        room = self.free() - self.claim_share
+        # Only a budget more than half full makes the reader count on the
+        # acknowledgements it would send ahead of its read (free() < 0 after it
+        # reserved tells it so); with room to spare a lone read is cheaper.
+        return room if room >= self.prefetch // 2 else room + self.ack_backlog()
 
     def unreserve(self, n: int) -> None:
         self.reserved -= n
@@ -252,10 +277,13 @@ class Dispatcher:
         if not self._space_waiters:
             return
         free, half = self.free(), self.prefetch - self.prefetch // 2
-        if free + self.ack_backlog() >= half:
+        room = free + self.ack_backlog()
+        if room >= half:
             # The reader sends waiting acknowledgements ahead of its read.
             self._space.set()
-        elif self.unacked and free + self.unacked >= half and self.flush_acks is not None:
+            return
+        self._countdown = half - room
+        if self.unacked and free + self.unacked >= half and self.flush_acks is not None:
             self.flush_acks()  # only acknowledgements in flight stand in the way
 
     def lose(self, ids: list[bytes]) -> list[bytes]:
@@ -264,8 +292,9 @@ class Dispatcher:
         were still held."""
         still = [raw_id for raw_id in ids if raw_id in self.held]
         for raw_id in still:
+            parked = self.parked.pop(raw_id, None) is not None
             self._release(raw_id)
-            if self.parked.pop(raw_id, None) is None:
+            if not parked:
                 self.lost.add(raw_id)  # still in the queue, a batch or a handler
         return still
 
@@ -277,7 +306,11 @@ class Dispatcher:
             # A lost entry whose handler was running when it was lost ends here.
             self.lost.discard(raw_id)
         if self._space_waiters:
-            self._signal_space()
+            # Each release frees at most one unit of room: count down to the
+            # next moment worth checking instead of checking every time.
+            self._countdown -= 1
+            if self._countdown <= 0:
+                self._signal_space()
 
     def close(self) -> None:
         """No more intake: workers finish what is already in memory, then exit."""
@@ -346,6 +379,7 @@ class Dispatcher:
         items = [current] if isinstance(current, tuple) else current.items
         for item in items:
             if item[0] not in self.held or item[0] in self.parked:
+                self.lost.discard(item[0])  # lost while it ran: nothing else would clear it
                 continue  # settled (acked, dead-lettered, lost) before the stop
             if self.is_stopped(item[0].decode()):
                 logger.info(

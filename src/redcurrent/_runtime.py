@@ -326,6 +326,8 @@ class Runtime:
             claimer = Claimer(
                 member, dispatcher, claim_idle=claim_idle, interval=max(0.05, claim_idle / 2)
             )
+            if self._acker is not None:
+                claimer.flush_acks = self._acker.flush
             reader = Reader(
                 member,
                 dispatcher,
