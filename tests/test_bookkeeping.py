@@ -356,6 +356,7 @@ class BookkeepingMachine(RuleBasedStateMachine):
         self.claimer = Claimer(
             member, d, claim_idle=CLAIM_IDLE_MS / 1000, interval=CLAIM_IDLE_MS / 2000, count=4
         )
+        self.claimer.flush_acks = self._send_acks  # as Runtime wires it: acker.flush
         self.lease = LeaseKeeper(member, d, interval=3600)
         self.recounter = Recounter(member, d)
         self.work_scope = anyio.CancelScope()

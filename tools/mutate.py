@@ -49,9 +49,18 @@ PACKAGE = Path("src/redcurrent")
 MODULES: dict[str, list[str]] = {
     "_scripts": ["tests/test_scripts.py", "tests/test_dead_letters.py"],
     "_lease": ["tests/test_many_entries.py", "tests/test_scripts.py"],
-    "_claim": ["tests/test_many_entries.py", "tests/test_consumer_faults.py"],
-    "_dispatch": ["tests/test_consumer.py", "tests/test_many_entries.py", "tests/test_batch.py"],
-    "_ack": ["tests/test_many_entries.py", "tests/test_consumer.py"],
+    "_claim": [
+        "tests/test_many_entries.py",
+        "tests/test_consumer_faults.py",
+        "tests/test_faults.py",
+    ],
+    "_dispatch": [
+        "tests/test_consumer.py",
+        "tests/test_many_entries.py",
+        "tests/test_batch.py",
+        "tests/test_bookkeeping.py",
+    ],
+    "_ack": ["tests/test_many_entries.py", "tests/test_consumer.py", "tests/test_bookkeeping.py"],
 }
 
 # (pattern, replacement) applied at one match at a time.

@@ -117,13 +117,14 @@ class Claimer:
     async def claim_once(self) -> int:
         """One XAUTOCLAIM step from the kept cursor; returns entries claimed."""
         dispatcher = self._dispatcher
-        if self.flush_acks is not None:
-            # Entries this consumer finished but has not acknowledged yet are
-            # pending and idle: send those acks first, or it would claim its
-            # own finished work back and run it again.
-            await self.flush_acks()
         n = await dispatcher.reserve(self.count)
         try:
+            if self.flush_acks is not None:
+                # Entries this consumer finished but has not acknowledged yet
+                # are pending and may be idle: send those acks first (after
+                # any wait for room), or it would claim its own finished work
+                # back and run it again.
+                await self.flush_acks()
             return await self._claim(n)
         finally:
             dispatcher.unreserve(n)
