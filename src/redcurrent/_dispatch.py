@@ -80,6 +80,16 @@ _OWN_CANCEL = (
 )
 
 
+def _handler_failed(exc: BaseException) -> bool:
+    """Whether an exception out of a handler is the handler's failure: any
+    ``Exception``, and a cancellation nobody asked for. A stop, a shutdown or
+    the host's cancellation, ``KeyboardInterrupt`` and ``SystemExit`` are not:
+    they propagate and the message stays pending."""
+    if isinstance(exc, Exception):
+        return True
+    return isinstance(exc, anyio.get_cancelled_exc_class()) and not _cancelled_from_outside()
+
+
 def _cancelled_from_outside() -> bool:
     """Whether a cancellation seen in a worker was asked for by the consumer
     (a stop, a shutdown) or by whoever runs it, rather than raised by the
@@ -422,7 +432,7 @@ class Dispatcher:
             await route.fn(msg)
         except BaseException as exc:
             slot.in_handler = False
-            if not isinstance(exc, Exception) and _cancelled_from_outside():
+            if not _handler_failed(exc):
                 raise  # a stop, a shutdown or the host: the message stays pending
             await self._failed(item, exc, route)
         else:
@@ -546,7 +556,7 @@ class Dispatcher:
                     self._settle(item[0])
         except BaseException as exc:
             slot.in_handler = False
-            if not isinstance(exc, Exception) and _cancelled_from_outside():
+            if not _handler_failed(exc):
                 raise
             for item in ready:
                 await self._failed(item, exc, route)
