@@ -351,6 +351,7 @@ class BookkeepingMachine(RuleBasedStateMachine):
         d.flush_acks = self._urge
         d.ack_backlog = lambda: acker.waiting
         acker.reader_will_send = lambda: d.reader_waiting
+        d.batch_wait = 0  # no timed waits: every step must be deterministic
         self._instrument(d)
         reader = Reader(member, d, block=0.001, count=self.read_count, acker=acker)
         self.claimer = Claimer(

@@ -33,6 +33,10 @@ __all__ = ["Counters", "Dispatcher", "Item"]
 
 logger = logging.getLogger("redcurrent.consumer")
 
+#: How long the reader waits for handlers to free half the budget before it
+#: reads what room there is (seconds).
+BATCH_WAIT = 0.01
+
 #: raw entry id, fields, delivery count
 Item = tuple[bytes, dict[bytes, bytes], int]
 
@@ -137,6 +141,8 @@ class Dispatcher:
         self.parked: dict[bytes, Item] = {}
         #: room promised to reads and claims in flight (see :meth:`reserve`).
         self.reserved = 0
+        #: how long the reader waits for half the budget before reading less.
+        self.batch_wait = BATCH_WAIT
         #: the reader waits for room (and will send collected acks with its read).
         self.reader_waiting = False
         #: room the reader leaves to a claim pass in progress (see :meth:`reserve`).
@@ -244,22 +250,32 @@ class Dispatcher:
         """
         if self._space_waiters:
             await anyio.lowlevel.checkpoint()
+        half = self.prefetch - self.prefetch // 2
+        if reader and self.batch_wait > 0 and 0 < self._room(reader) < half and self.active:
+            # Read in large batches: while handlers are busy, give them a moment
+            # to free half the budget (the wake-up threshold) rather than read a
+            # sliver now; blocked handlers do not keep the rest from being read.
+            with anyio.move_on_after(self.batch_wait):
+                await self._wait_for_space(reader)
         while (free := self._room(reader)) <= 0:
-            if self._space.is_set():
-                # The reader and the claimer may both wait: they must share
-                # one event, so a set one is replaced only here, once.
-                self._space = anyio.Event()
-            self._space_waiters += 1
-            self._countdown = 0  # check at the next release
-            self.reader_waiting = reader
-            try:
-                await self._space.wait()
-            finally:
-                self._space_waiters -= 1
-                self.reader_waiting = False
+            await self._wait_for_space(reader)
         granted = min(want, free)
         self.reserved += granted
         return granted
+
+    async def _wait_for_space(self, reader: bool) -> None:
+        if self._space.is_set():
+            # The reader and the claimer may both wait: they must share
+            # one event, so a set one is replaced only here, once.
+            self._space = anyio.Event()
+        self._space_waiters += 1
+        self._countdown = 0  # check at the next release
+        self.reader_waiting = reader
+        try:
+            await self._space.wait()
+        finally:
+            self._space_waiters -= 1
+            self.reader_waiting = False
 
     def set_claim_share(self, share: int) -> None:
         """A claim pass starts (``share`` > 0) or ends (0)."""
