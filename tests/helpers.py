@@ -21,6 +21,7 @@ __all__ = [
     "Recorder",
     "SRC",
     "consumer_names",
+    "pel_of",
     "pending",
     "nothing_pending",
     "pending_count",
@@ -58,6 +59,21 @@ async def pending(
     """The group's pending entries as ``(id, consumer, times_delivered)``."""
     rows = await client.xpending_range(stream, group, min="-", max="+", count=count)
     return [(_s(r["message_id"]), _s(r["consumer"]), int(r["times_delivered"])) for r in rows]
+
+
+async def pel_of(
+    client: redis.asyncio.Redis, stream: str, group: str
+) -> dict[str, tuple[str, int, int]]:
+    """The group's pending list: id -> (consumer, idle ms, delivery count)."""
+    rows = await client.xpending_range(stream, group, min="-", max="+", count=100_000)
+    return {
+        _s(r["message_id"]): (
+            _s(r["consumer"]),
+            int(r["time_since_delivered"]),
+            int(r["times_delivered"]),
+        )
+        for r in rows
+    }
 
 
 async def pending_count(client: redis.asyncio.Redis, stream: str, group: str) -> int:

@@ -24,7 +24,7 @@ import pytest
 import redis as sync_redis
 import redis.asyncio
 
-from helpers import Recorder, nothing_pending, pending_count, wait_until
+from helpers import Recorder, nothing_pending, pel_of, pending_count, wait_until
 from redcurrent import BatchConfig, Message, StartFrom, StopReason, StreamConsumer, Topic
 
 STREAM = "many"
@@ -54,15 +54,7 @@ def _s(value: bytes | str) -> str:
 
 async def pel(client: redis.asyncio.Redis) -> dict[str, tuple[str, int, int]]:
     """The group's pending list: id -> (consumer, idle ms, delivery count)."""
-    rows = await client.xpending_range(STREAM, GROUP, min="-", max="+", count=100_000)
-    return {
-        _s(r["message_id"]): (
-            _s(r["consumer"]),
-            int(r["time_since_delivered"]),
-            int(r["times_delivered"]),
-        )
-        for r in rows
-    }
+    return await pel_of(client, STREAM, GROUP)
 
 
 async def owned_by(client: redis.asyncio.Redis, consumer: str) -> int:

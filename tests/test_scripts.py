@@ -17,7 +17,7 @@ import anyio
 import pytest
 import redis.asyncio
 
-from helpers import wait_until
+from helpers import pel_of, wait_until
 from redcurrent import Topic, _scripts
 from redcurrent.keys import TopicKeys
 
@@ -37,15 +37,7 @@ def _s(value: bytes | str) -> str:
 
 async def pel(client: redis.asyncio.Redis) -> dict[str, tuple[str, int, int]]:
     """The group's pending list: id -> (consumer, idle ms, delivery count)."""
-    rows = await client.xpending_range(STREAM, GROUP, min="-", max="+", count=100_000)
-    return {
-        _s(r["message_id"]): (
-            _s(r["consumer"]),
-            int(r["time_since_delivered"]),
-            int(r["times_delivered"]),
-        )
-        for r in rows
-    }
+    return await pel_of(client, STREAM, GROUP)
 
 
 async def deliver(client: redis.asyncio.Redis, n: int, consumer: str) -> list[str]:
