@@ -48,7 +48,11 @@ PACKAGE = Path("src/redcurrent")
 # The critical modules and the test files that cover each (``--tests`` overrides).
 MODULES: dict[str, list[str]] = {
     "_scripts": ["tests/test_scripts.py", "tests/test_dead_letters.py"],
-    "_lease": ["tests/test_many_entries.py", "tests/test_scripts.py"],
+    "_lease": [
+        "tests/test_many_entries.py",
+        "tests/test_scripts.py",
+        "tests/test_consumer_control.py",
+    ],
     "_claim": [
         "tests/test_many_entries.py",
         "tests/test_consumer_faults.py",
