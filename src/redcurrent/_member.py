@@ -18,7 +18,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from ._backoff import Backoff, Outage
 from ._errors import Fault, access_denied, classify, is_busygroup, is_wrongtype
-from ._redis import AnyRedis, as_str
+from ._redis import AnyRedis, as_str, execute_pipeline
 from .errors import ConfigurationError, TopicGoneError
 from .keys import TopicKeys
 
@@ -123,11 +123,7 @@ class GroupMember:
             pipe.execute_command("XPENDING", stream, group)
             pipe.execute_command("XACK", stream, group, "0-1")  # not a real entry
             pipe.execute_command("XINFO", "CONSUMERS", stream, group)
-            replies = await pipe.execute(raise_on_error=False)
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply  # as the server said it, for classify()
-            return replies
+            return await execute_pipeline(pipe)
 
         await self.call("permission check", probe)
 

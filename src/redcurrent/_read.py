@@ -12,7 +12,7 @@ from typing import Any
 from ._ack import Acker
 from ._dispatch import Dispatcher
 from ._member import GroupMember
-from ._redis import entries_of, raw_reply_client
+from ._redis import entries_of, execute_pipeline, raw_reply_client
 
 __all__ = ["Reader"]
 
@@ -72,10 +72,4 @@ class Reader:
         pipe = self._redis.pipeline(transaction=False)
         pipe.execute_command(*self._ack_head, *ids)
         pipe.execute_command(*self._args_head, n, *self._args_tail)
-        # The server's own errors, not redis-py's "Command # 2 of pipeline"
-        # rewording of them: _errors.classify reads their codes.
-        replies = await pipe.execute(raise_on_error=False)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies[1]
+        return (await execute_pipeline(pipe))[1]

@@ -19,6 +19,7 @@ __all__ = [
     "AnyRedis",
     "Entry",
     "as_str",
+    "execute_pipeline",
     "bytes_client",
     "entries_of",
     "raw_reply_client",
@@ -111,3 +112,14 @@ def _pairs(flat: Any) -> dict[bytes, bytes]:
         return {}
     it = iter(flat)
     return dict(zip(it, it, strict=False))
+
+
+async def execute_pipeline(pipe: Any) -> list[Any]:
+    """Run a pipeline and raise the first error as the server sent it: redis-py's
+    own raising rewords it ("Command # 2 ... of pipeline caused error"), which
+    hides the error code :func:`redcurrent._errors.classify` reads."""
+    replies: list[Any] = await pipe.execute(raise_on_error=False)
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
