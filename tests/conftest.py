@@ -1,3 +1,18 @@
 """Shared pytest configuration: real Redis servers come from redcurrent's own plugin."""
 
+from pathlib import Path
+
+import pytest
+
 pytest_plugins = ["redcurrent.testing", "pytester"]
+
+
+_CHAOS = Path(__file__).resolve().parent / "chaos"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """The chaos suite runs only when asked for by path (``nox -s chaos``)."""
+    if collection_path != _CHAOS:
+        return None
+    asked = (Path(arg.split("::")[0]).resolve() for arg in config.args)
+    return not any(path == _CHAOS or _CHAOS in path.parents for path in asked) or None

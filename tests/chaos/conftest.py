@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def full_scale(request: pytest.FixtureRequest) -> bool:
     """True when the scenarios run at the sizes of the guarantees page."""
-    return bool(request.config.getoption("--chaos-scale") == "full")
+    scale = request.config.getoption("--chaos-scale", default=None)
+    return (scale or os.environ.get("REDCURRENT_CHAOS_SCALE")) == "full"
 
 
 @pytest.fixture
@@ -58,16 +58,19 @@ def ledger_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def record() -> Iterator[Any]:
+def record() -> Any:
     """``record(audit)``: keep a scenario's audit for the report."""
 
     def _record(result: Audit) -> Audit:
+        flavour = os.environ.get("REDCURRENT_CHAOS_FLAVOUR")
+        if flavour:
+            result.scenario = f"{flavour}/{result.scenario}"
         _RESULTS.append(result)
         REPORT.parent.mkdir(exist_ok=True)
         write_report(REPORT, result)
         return result
 
-    yield _record
+    return _record
 
 
 def spawn(script: str, options: dict[str, Any], log: Path) -> subprocess.Popen[bytes]:
