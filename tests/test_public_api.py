@@ -145,3 +145,16 @@ def test_messages_and_dead_letters_decode_with_msgspec() -> None:
     )
     copy = msgspec.msgpack.decode(msgspec.msgpack.encode(letter), type=redcurrent.DeadLetter)
     assert copy == letter
+
+
+def test_only_three_modules_are_public() -> None:
+    """Everything else is an implementation module: users import from ``redcurrent``
+    (and ``redcurrent.errors`` / ``redcurrent.testing``), so internals can move."""
+    import pkgutil
+
+    public = {
+        info.name
+        for info in pkgutil.iter_modules(redcurrent.__path__)
+        if not info.name.startswith("_")
+    }
+    assert public == {"errors", "testing"}

@@ -9,8 +9,8 @@ import pytest
 import redis.asyncio
 
 from redcurrent import ConfigurationError, Topic
-from redcurrent.codec import decode_message, payload_decoder
-from redcurrent.topic import PUBLISH_CHUNK, PUBLISH_CHUNK_BYTES
+from redcurrent._codec import decode_message, payload_decoder
+from redcurrent._topic import PUBLISH_CHUNK, PUBLISH_CHUNK_BYTES
 
 PLAIN = payload_decoder(None)
 

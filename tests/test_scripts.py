@@ -19,7 +19,7 @@ import redis.asyncio
 
 from helpers import pel_of, wait_until
 from redcurrent import Topic, _scripts
-from redcurrent.keys import TopicKeys
+from redcurrent._keys import TopicKeys
 
 STREAM = "scripted"
 GROUP = "g"

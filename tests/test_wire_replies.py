@@ -11,9 +11,9 @@ from redis import exceptions as rex
 
 from helpers import wait_until
 from redcurrent import Message, StartFrom, StreamConsumer, Topic
-from redcurrent._errors import Fault, classify
+from redcurrent._consumer import _block_within_socket_timeout
+from redcurrent._faults import Fault, classify
 from redcurrent._redis import entries_of, raw_reply_client
-from redcurrent.consumer import _block_within_socket_timeout
 
 
 @pytest.mark.parametrize("protocol", [2, 3])

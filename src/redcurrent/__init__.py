@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from ._batch import BatchConfig
+from ._cleanup import CleanupPolicy
+from ._consumer import StreamConsumer
+from ._keys import TopicKeys
+from ._message import (
+    ConsumerStats,
+    DeadLetter,
+    GroupInfo,
+    Message,
+    StartFrom,
+    StopReason,
+    TopicInfo,
+)
 from ._routes import BatchHandlerObject, HandlerObject
+from ._topic import Topic
 from ._version import __version__
-from .cleanup import CleanupPolicy
-from .consumer import StreamConsumer
 from .errors import (
     AccessDeniedError,
     BatchError,
@@ -19,17 +30,6 @@ from .errors import (
     TopicGoneError,
     ValidationError,
 )
-from .keys import TopicKeys
-from .message import (
-    ConsumerStats,
-    DeadLetter,
-    GroupInfo,
-    Message,
-    StartFrom,
-    StopReason,
-    TopicInfo,
-)
-from .topic import Topic
 
 __all__ = [
     "AccessDeniedError",

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from redis.client import NEVER_DECODE
 
+from ._codec import FIELD_DATA, FIELD_METADATA, FIELD_TYPE
+from ._keys import TopicKeys
+from ._message import DeadLetter
 from ._redis import AnyRedis, as_str
 from ._scripts import DEAD_LETTER, DEAD_LETTER_FIELD_PREFIX, REPLAY
-from .codec import FIELD_DATA, FIELD_METADATA, FIELD_TYPE
-from .keys import TopicKeys
-from .message import DeadLetter
 
 if TYPE_CHECKING:
-    from .topic import Topic
+    from ._topic import Topic
 
 __all__ = ["DeadLetterWriter", "read_dead_letters", "replay_dead_letters"]
 

@@ -23,11 +23,11 @@ import anyio
 import anyio.lowlevel
 
 from ._batch import Batch, Batcher
+from ._codec import FIELD_TYPE, decode_message, decode_type, is_init_entry
 from ._dead import DeadLetterWriter
+from ._message import ConsumerStats, Message
 from ._routes import Route, Router
-from .codec import FIELD_TYPE, decode_message, decode_type, is_init_entry
 from .errors import BatchError, DecodeError, NoHandlerError
-from .message import ConsumerStats, Message
 
 __all__ = ["Counters", "Dispatcher", "Item"]
 

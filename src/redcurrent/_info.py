@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any, Final
 from redis import exceptions as rex
 from redis.client import NEVER_DECODE
 
-from ._errors import Fault, classify
+from ._faults import Fault, classify
+from ._message import GroupInfo, TopicInfo
 from ._redis import as_str
 from ._scripts import COUNT_AFTER
-from .message import GroupInfo, TopicInfo
 
 if TYPE_CHECKING:
-    from .topic import Topic
+    from ._topic import Topic
 
 __all__ = ["LAG_SCAN_LIMIT", "id_key", "topic_info"]
 

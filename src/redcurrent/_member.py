@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 from redis.asyncio.cluster import RedisCluster
 
 from ._backoff import Backoff, Outage
-from ._errors import Fault, access_denied, classify, is_busygroup, is_wrongtype
+from ._faults import Fault, access_denied, classify, is_busygroup, is_wrongtype
+from ._keys import TopicKeys
 from ._redis import AnyRedis, as_str, execute_pipeline
 from .errors import ConfigurationError, TopicGoneError
-from .keys import TopicKeys
 
 __all__ = ["GroupMember"]
 

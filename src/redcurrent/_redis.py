@@ -117,7 +117,7 @@ def _pairs(flat: Any) -> dict[bytes, bytes]:
 async def execute_pipeline(pipe: Any) -> list[Any]:
     """Run a pipeline and raise the first error as the server sent it: redis-py's
     own raising rewords it ("Command # 2 ... of pipeline caused error"), which
-    hides the error code :func:`redcurrent._errors.classify` reads."""
+    hides the error code :func:`redcurrent._faults.classify` reads."""
     replies: list[Any] = await pipe.execute(raise_on_error=False)
     for reply in replies:
         if isinstance(reply, Exception):

@@ -6,9 +6,9 @@ import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from .codec import PayloadDecoder, check_message_type, payload_decoder
+from ._codec import PayloadDecoder, check_message_type, payload_decoder
+from ._message import Message
 from .errors import ConfigurationError
-from .message import Message
 
 __all__ = ["BatchHandlerObject", "HandlerObject", "Route", "Router"]
 

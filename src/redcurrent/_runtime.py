@@ -22,20 +22,20 @@ import redis.asyncio as aredis
 from ._ack import Acker
 from ._batch import BatchConfig, Batcher
 from ._claim import Claimer, recover_own_pending
+from ._cleanup import AutoCleaner, CleanupPolicy
+from ._control import ControlListener
 from ._dead import DeadLetterWriter
 from ._dispatch import Counters, Dispatcher
 from ._housekeeping import prune_idle_consumers
+from ._keys import TopicKeys
 from ._lease import LeaseKeeper, Recounter
 from ._member import GroupMember
+from ._message import StopReason
 from ._read import Reader
 from ._redis import AnyRedis
 from ._routes import Router
-from .cleanup import AutoCleaner, CleanupPolicy
-from .control import ControlListener
+from ._topic import Topic
 from .errors import TopicGoneError
-from .keys import TopicKeys
-from .message import StopReason
-from .topic import Topic
 
 __all__ = ["Runtime", "Settings"]
 

@@ -16,7 +16,7 @@ its own bugs::
     └── TopicGoneError          the stream or the consumer group no longer exists
 
 Errors that come from Redis itself (connection loss, ``LOADING`` ...) are not
-wrapped: the consumer retries those, and :mod:`redcurrent._errors` is the one
+wrapped: the consumer retries those, and :mod:`redcurrent._faults` is the one
 place that decides which server errors mean what.
 """
 

@@ -23,14 +23,14 @@ from redis import exceptions as rex
 from redis.asyncio.cluster import RedisCluster
 
 from ._backoff import Backoff, Outage
-from ._errors import Fault, access_denied, classify
+from ._faults import Fault, access_denied, classify
+from ._keys import TopicKeys
 from ._redis import AnyRedis, as_str
 from ._scripts import SET_STOPPED, TERMINATE
 from .errors import ConfigurationError
-from .keys import TopicKeys
 
 if TYPE_CHECKING:
-    from .topic import Topic
+    from ._topic import Topic
 
 __all__ = [
     "ControlListener",

@@ -83,12 +83,12 @@ import anyio
 import msgspec
 from redis.exceptions import ResponseError
 
-from ._errors import Fault, classify
+from ._faults import Fault, classify
 from ._redis import AnyRedis, as_str
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from .topic import Topic
+    from ._topic import Topic
 
 __all__ = ["AutoCleaner", "CleanupPolicy", "cleanup"]
 

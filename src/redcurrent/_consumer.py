@@ -21,13 +21,13 @@ import anyio
 import anyio.abc
 
 from ._batch import BatchConfig
+from ._cleanup import CleanupPolicy
+from ._keys import TopicKeys
+from ._message import ConsumerStats, StartFrom, StopReason
 from ._redis import AnyRedis, bytes_client
 from ._routes import BatchHandlerObject, HandlerObject, Router
 from ._runtime import Runtime, Settings
-from .cleanup import CleanupPolicy
 from .errors import ConfigurationError, ConsumerStateError, StartTimeoutError
-from .keys import TopicKeys
-from .message import ConsumerStats, StartFrom, StopReason
 
 __all__ = ["StreamConsumer"]
 

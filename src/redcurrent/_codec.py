@@ -15,8 +15,8 @@ from typing import Any, Final
 
 import msgspec
 
+from ._message import Message
 from .errors import ConfigurationError, DecodeError, ValidationError
-from .message import Message
 
 __all__ = [
     "EMPTY_OBJECT",

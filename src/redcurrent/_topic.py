@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import _dead, _info, cleanup, control
+from . import _cleanup, _control, _dead, _info
+from ._cleanup import CleanupPolicy
+from ._codec import check_message_type, encode_data, encode_fields, encode_metadata
+from ._keys import TopicKeys
+from ._message import DeadLetter, TopicInfo
 from ._redis import AnyRedis, as_str
 from ._scripts import PUBLISH_MANY
-from .cleanup import CleanupPolicy
-from .codec import check_message_type, encode_data, encode_fields, encode_metadata
 from .errors import ConfigurationError
-from .keys import TopicKeys
-from .message import DeadLetter, TopicInfo
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -139,24 +139,24 @@ class Topic:
 
     async def stop_message(self, message_id: str) -> None:
         """Stop one message for every consumer of every group, until resumed."""
-        await control.stop_message(self, message_id)
+        await _control.stop_message(self, message_id)
 
     async def resume_message(self, message_id: str) -> None:
         """Let a stopped message be handled again, promptly."""
-        await control.resume_message(self, message_id)
+        await _control.resume_message(self, message_id)
 
     async def terminate(self) -> None:
         """Delete the stream, its groups and every key of the topic; stop consumers."""
-        await control.terminate(self)
+        await _control.terminate(self)
 
     async def cleanup(self, policy: CleanupPolicy | None = None) -> int:
         """Remove entries every group has acknowledged; returns how many went.
 
         The same run drops stopped ids whose entries are gone for good and,
         with ``policy.dead_letter_retention``, old dead letters (neither is
-        counted in the result). See :func:`redcurrent.cleanup.cleanup`.
+        counted in the result). See :func:`redcurrent._cleanup.cleanup`.
         """
-        return await cleanup.cleanup(self, policy)
+        return await _cleanup.cleanup(self, policy)
 
     async def dead_letters(self, count: int = 100, *, start: str = "-") -> list[DeadLetter]:
         """The oldest ``count`` dead letters from ``start`` on."""
