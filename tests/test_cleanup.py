@@ -143,8 +143,20 @@ async def other_server(request: pytest.FixtureRequest) -> AsyncIterator[aredis.R
 # --------------------------------------------------------------------------- policy
 
 
-def test_policy_defaults_positional_and_frozen() -> None:
-    assert CleanupPolicy(False, 300.0, 10000, 3600.0, 100, None) == CleanupPolicy()
+def test_policy_defaults_keyword_only_and_frozen() -> None:
+    assert (
+        CleanupPolicy(
+            auto=False,
+            interval=300.0,
+            max_length=10000,
+            min_retention=3600.0,
+            batch_size=100,
+            dead_letter_retention=None,
+        )
+        == CleanupPolicy()
+    )
+    with pytest.raises(TypeError):
+        CleanupPolicy(False)  # type: ignore[misc]
     assert CleanupPolicy().dead_letter_retention is None  # dead letters are kept for ever
     p = CleanupPolicy(
         auto=True,

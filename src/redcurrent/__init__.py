@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ._batch import BatchConfig
-from ._cleanup import CleanupPolicy
+from ._config import BatchConfig, CleanupPolicy, ConsumerConfig
 from ._consumer import StreamConsumer
 from ._keys import TopicKeys
 from ._message import (
@@ -38,6 +37,7 @@ __all__ = [
     "BatchHandlerObject",
     "CleanupPolicy",
     "ConfigurationError",
+    "ConsumerConfig",
     "ConsumerStateError",
     "ConsumerStats",
     "DeadLetter",

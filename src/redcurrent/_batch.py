@@ -12,32 +12,13 @@ import math
 from collections.abc import Callable
 
 import anyio
-import msgspec
 
+from ._config import BatchConfig
 from ._routes import Route
-from .errors import ConfigurationError
 
-__all__ = ["Batch", "BatchConfig", "Batcher"]
+__all__ = ["Batch", "Batcher"]
 
 Item = tuple[bytes, dict[bytes, bytes], int]
-
-
-class BatchConfig(msgspec.Struct, frozen=True):
-    """Defaults for batch handlers that do not set their own.
-
-    ``size``: the most messages one call of a batch handler gets.
-    ``timeout``: how long, in seconds, the oldest message of an unfilled batch
-    may wait before the batch is handed over anyway.
-    """
-
-    size: int = 10
-    timeout: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.size < 1:
-            raise ConfigurationError(f"BatchConfig.size must be >= 1, got {self.size}")
-        if not self.timeout > 0:
-            raise ConfigurationError(f"BatchConfig.timeout must be > 0, got {self.timeout}")
 
 
 class Batch:

@@ -80,95 +80,20 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import msgspec
 from redis.exceptions import ResponseError
 
+from ._config import CleanupPolicy
 from ._faults import Fault, classify
 from ._redis import AnyRedis, as_str
-from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from ._topic import Topic
 
-__all__ = ["AutoCleaner", "CleanupPolicy", "cleanup"]
+__all__ = ["AutoCleaner", "cleanup"]
 
 logger = logging.getLogger("redcurrent.cleanup")
 
 KeepGoing = Callable[[], Awaitable[bool]]
-
-
-class CleanupPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """How and when processed entries are removed from a stream.
-
-    ``CleanupPolicy(auto=False, interval=300.0, max_length=10000,
-    min_retention=3600.0, batch_size=100, dead_letter_retention=None)``;
-    fields may be given by position or keyword. Cleanup removes only entries
-    every group has acknowledged (see :func:`cleanup`), drops stopped ids
-    whose entries are gone for good, and, with ``dead_letter_retention``,
-    old dead letters. Removal is final: a group created afterwards, even at
-    id ``0``, does not see removed entries, so keep ``min_retention`` long
-    enough for late groups that must replay history.
-    """
-
-    auto: bool = False
-    """Let consumers run cleanup by themselves (one at a time per topic).
-    Off by default because removing entries is a decision of the operator."""
-    interval: float = 300.0
-    """Seconds between two checks of an automatic cleaner. Each check costs
-    one XLEN, so this is about how stale the stream may get, not about load."""
-    max_length: int = 10000
-    """Automatic cleanup runs only while the stream has more entries than
-    this. It is a trigger, not a cap: entries some group still needs stay
-    even if the stream is longer."""
-    min_retention: float = 3600.0
-    """Seconds an entry is kept at least, judged by the time in its id, so
-    operators can still inspect or replay recent history after processing."""
-    batch_size: int = 100
-    """The most entries one step removes. Each step is one short Lua script,
-    so this bounds how long Redis is busy with cleanup at a time."""
-    dead_letter_retention: float | None = None
-    """Seconds a dead letter is kept, judged by the time in its id (the moment
-    it became a dead letter); older ones are removed by every cleanup run,
-    manual or automatic. ``None`` (the default) keeps dead letters for ever:
-    reading, replaying or deleting them is then up to the operator. With
-    ``auto=True`` and a retention, consumers trim dead letters every
-    ``interval`` even while the stream is not longer than ``max_length``."""
-
-    def __post_init__(self) -> None:
-        if not _is_number(self.interval) or not self.interval > 0:
-            raise ConfigurationError(f"cleanup interval must be > 0 seconds, got {self.interval!r}")
-        if not _is_int(self.batch_size) or self.batch_size <= 0:
-            raise ConfigurationError(
-                f"cleanup batch_size must be an int > 0, got {self.batch_size!r}"
-            )
-        if not _is_int(self.max_length) or self.max_length < 0:
-            raise ConfigurationError(
-                f"cleanup max_length must be an int >= 0, got {self.max_length!r}"
-            )
-        if (
-            not _is_number(self.min_retention)
-            or not self.min_retention >= 0
-            or math.isinf(self.min_retention)
-        ):
-            raise ConfigurationError(
-                f"cleanup min_retention must be finite seconds >= 0, got {self.min_retention!r}"
-            )
-        retention = self.dead_letter_retention
-        if retention is not None and (
-            not _is_number(retention) or not retention >= 0 or math.isinf(retention)
-        ):
-            raise ConfigurationError(
-                "cleanup dead_letter_retention must be None or finite seconds >= 0, "
-                f"got {retention!r}"
-            )
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------- Lua

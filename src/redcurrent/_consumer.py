@@ -8,9 +8,7 @@ run in :class:`redcurrent._runtime.Runtime`.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
-import re
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
@@ -20,21 +18,18 @@ from typing import Any, TypeVar
 import anyio
 import anyio.abc
 
-from ._batch import BatchConfig
-from ._cleanup import CleanupPolicy
+from ._config import BatchConfig, CleanupPolicy, ConsumerConfig
 from ._keys import TopicKeys
 from ._message import ConsumerStats, StartFrom, StopReason
 from ._redis import AnyRedis, bytes_client
 from ._routes import BatchHandlerObject, HandlerObject, Router
-from ._runtime import Runtime, Settings
+from ._runtime import Runtime
 from .errors import ConfigurationError, ConsumerStateError, StartTimeoutError
 
 __all__ = ["StreamConsumer"]
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-_ID = re.compile(r"^\d+(-\d+)?$")
 
 
 def default_consumer_name() -> str:
@@ -49,37 +44,15 @@ class StreamConsumer:
     when its handler finished without error, or when it is moved to the
     topic's dead-letter stream with the reason. Durations are float seconds.
 
-    - ``start``: where a *new* group starts (an existing one keeps its
-      position): :attr:`StartFrom.LATEST` (default), :attr:`StartFrom.EARLIEST`
-      or an entry id (delivery starts after it).
-    - ``claim_idle`` (30 s): entries left idle this long by any consumer are
-      taken over; a failed message is retried after it. Running and waiting
-      messages are leased, so slow handlers are not robbed.
-    - ``concurrency`` (16): the most handlers running at once.
-    - ``max_deliveries`` (5): deliveries before a failing message becomes a
-      dead letter.
-    - ``prefetch`` (``max(4 * concurrency, 256)``; with batch handlers at
-      least ``max(4 * largest batch, 1024)``): the most entries held in memory
-      (running plus waiting); bounds memory and how much one consumer takes
-      from its peers.
-    - ``batch``: defaults for batch handlers (:class:`BatchConfig`).
-    - ``cleanup``: a :class:`CleanupPolicy` with ``auto=True`` makes this
-      consumer take part in trimming processed entries.
-    - ``shutdown_timeout`` (10 s): how long a graceful stop waits for the
-      messages in hand before cancelling them (they stay pending).
-    - ``block`` (5 s): how long one XREADGROUP waits for new entries; an idle
-      consumer sends about one command per ``block``.
-    - ``consumer_idle_timeout`` (1 h): other consumers of the group idle this
-      long and holding nothing are deleted from the group.
-    - ``start_timeout`` (30 s): how long ``async with consumer`` / :meth:`run`
-      keep trying to reach Redis and set up the group before they raise
-      :class:`StartTimeoutError`. Wrong credentials or a missing ACL
-      permission raise :class:`AccessDeniedError` at once.
-    - ``recreate_group`` (False): when the group vanishes under a running
-      consumer, re-create it (where this consumer last read) and go on,
-      instead of stopping with :attr:`StopReason.DELETED`. For servers that
-      may restart without persistence; a terminated topic still stops.
+    The keyword options are the fields of :class:`ConsumerConfig`, where each
+    one's default and meaning is documented; the consumer keeps them, frozen,
+    as :attr:`config`. ``name`` defaults to one unique per process and
+    consumer (host, pid, random suffix).
     """
+
+    # Slots: setting an option after construction (``consumer.claim_idle = 1``)
+    # is an AttributeError instead of a silent no-op; options live in ``config``.
+    __slots__ = ("_config", "_keys", "_router", "_run", "_tg")
 
     def __init__(
         self,
@@ -101,65 +74,66 @@ class StreamConsumer:
         start_timeout: float = 30.0,
         recreate_group: bool = False,
     ) -> None:
-        if not stream or not group:
-            raise ConfigurationError("stream and group must be non-empty")
-        if not isinstance(start, StartFrom) and not _ID.match(str(start)):
-            raise ConfigurationError(
-                f"start must be StartFrom.LATEST, StartFrom.EARLIEST or an entry id, got {start!r}"
-            )
-        if concurrency < 1:
-            raise ConfigurationError(f"concurrency must be >= 1, got {concurrency}")
-        if max_deliveries < 1:
-            raise ConfigurationError(f"max_deliveries must be >= 1, got {max_deliveries}")
-        if not claim_idle > 0 or not block > 0 or shutdown_timeout < 0:
-            raise ConfigurationError("claim_idle and block must be > 0, shutdown_timeout >= 0")
-        if not start_timeout > 0:
-            raise ConfigurationError(f"start_timeout must be > 0, got {start_timeout!r}")
-        if prefetch is not None and prefetch < concurrency:
-            raise ConfigurationError(
-                f"prefetch ({prefetch}) must be >= concurrency ({concurrency})"
-            )
-        client = bytes_client(redis)
-        self.stream = stream
-        self.group = group
-        self.name = name or default_consumer_name()
-        self.keys = TopicKeys(stream)
-        self.start = start
-        self.claim_idle = claim_idle
-        self.concurrency = concurrency
-        self.max_deliveries = max_deliveries
-        self.prefetch = prefetch or max(4 * concurrency, 256)
-        self.batch = batch or BatchConfig()
-        self.cleanup = cleanup
-        self.shutdown_timeout = shutdown_timeout
-        self.block = _block_within_socket_timeout(client, block)
-        self.consumer_idle_timeout = consumer_idle_timeout
-        self.start_timeout = start_timeout
-        self.recreate_group = recreate_group
-        self._router = Router()
-        settings = Settings(
+        config = ConsumerConfig(
             stream=stream,
             group=group,
-            name=self.name,
-            start=start.value if isinstance(start, StartFrom) else str(start),
+            name=name or default_consumer_name(),
+            start=start,
             claim_idle=claim_idle,
             concurrency=concurrency,
             max_deliveries=max_deliveries,
-            prefetch=self.prefetch,
-            prefetch_given=prefetch is not None,
-            batch=self.batch,
+            prefetch=prefetch,
+            batch=batch or BatchConfig(),
             cleanup=cleanup,
             shutdown_timeout=shutdown_timeout,
-            block=self.block,
+            block=block,
             consumer_idle_timeout=consumer_idle_timeout,
             start_timeout=start_timeout,
             recreate_group=recreate_group,
         )
+        self._setup(redis, config)
+
+    @classmethod
+    def from_config(cls, redis: AnyRedis, config: ConsumerConfig) -> StreamConsumer:
+        """A consumer with options read elsewhere (a file, a worker's command
+        line), validated once by :class:`ConsumerConfig`."""
+        consumer = cls.__new__(cls)
+        consumer._setup(redis, config)
+        return consumer
+
+    def _setup(self, redis: AnyRedis, config: ConsumerConfig) -> None:
+        self._config = config
+        self._keys = TopicKeys(config.stream)
+        self._router = Router()
+        client = bytes_client(redis)
         # A sibling client made for a decode_responses one is ours to close.
         self._run = Runtime(
-            client, settings, self._router, owns_client=client is not redis, label=repr(self)
+            client, config, self._router, owns_client=client is not redis, label=repr(self)
         )
         self._tg: anyio.abc.TaskGroup | None = None
+
+    @property
+    def config(self) -> ConsumerConfig:
+        """The options this consumer runs with (frozen: build a new consumer to change them)."""
+        return self._config
+
+    @property
+    def stream(self) -> str:
+        return self._config.stream
+
+    @property
+    def group(self) -> str:
+        return self._config.group
+
+    @property
+    def name(self) -> str:
+        """This consumer's name in the group."""
+        return self._config.name
+
+    @property
+    def keys(self) -> TopicKeys:
+        """The Redis keys of the topic (all in the stream's cluster slot)."""
+        return self._keys
 
     def __repr__(self) -> str:
         return f"StreamConsumer({self.stream!r}, group={self.group!r}, name={self.name!r})"
@@ -253,7 +227,7 @@ class StreamConsumer:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         try:
-            with anyio.move_on_after(self.start_timeout) as waited:
+            with anyio.move_on_after(self._config.start_timeout) as waited:
                 await tg.start(self._run.main)
             if waited.cancelled_caught:
                 raise self._start_timed_out()
@@ -271,7 +245,7 @@ class StreamConsumer:
         last = self._run.member.outage.last_error
         cause = f"{type(last).__name__}: {last}" if last is not None else "no answer"
         return StartTimeoutError(
-            f"{self!r} could not start within start_timeout={self.start_timeout:g}s: "
+            f"{self!r} could not start within start_timeout={self._config.start_timeout:g}s: "
             f"Redis unreachable ({cause}); is the server up and the address right?"
         )
 
@@ -306,30 +280,3 @@ class StreamConsumer:
         """Ask the consumer to stop; returns at once. ``hard`` cancels running
         handlers now instead of giving them ``shutdown_timeout``."""
         self._run.request_stop(StopReason.STOPPED, hard=hard)
-
-
-_UNSET = object()
-
-
-def _block_within_socket_timeout(redis: AnyRedis, block: float) -> float:
-    """A blocking read must return before the client's socket timeout fires.
-
-    redis-py >= 6 gives connections a 5 s socket timeout by default without
-    writing it into the pool's ``connection_kwargs`` when the client comes
-    from ``from_url``, so the class default is consulted too.
-    """
-    pool = getattr(redis, "connection_pool", None)
-    if pool is None:
-        return block
-    kwargs = pool.connection_kwargs
-    timeout = kwargs.get("socket_timeout", kwargs.get("orig_socket_timeout", _UNSET))
-    if timeout is _UNSET:
-        timeout = None
-        for cls in pool.connection_class.__mro__:
-            parameter = inspect.signature(cls.__init__).parameters.get("socket_timeout")
-            if parameter is not None:
-                timeout = parameter.default
-                break
-    if isinstance(timeout, int | float) and timeout > 0:
-        return min(block, max(0.05, float(timeout) * 0.8))
-    return block

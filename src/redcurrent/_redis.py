@@ -7,6 +7,7 @@ fail on such an entry inside redis-py's parser, taking the whole reply down.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any, TypeAlias
 
@@ -19,6 +20,7 @@ __all__ = [
     "AnyRedis",
     "Entry",
     "as_str",
+    "block_within_socket_timeout",
     "execute_pipeline",
     "bytes_client",
     "entries_of",
@@ -123,3 +125,30 @@ async def execute_pipeline(pipe: Any) -> list[Any]:
         if isinstance(reply, Exception):
             raise reply
     return replies
+
+
+_UNSET = object()
+
+
+def block_within_socket_timeout(redis: AnyRedis, block: float) -> float:
+    """A blocking read must return before the client's socket timeout fires.
+
+    redis-py >= 6 gives connections a 5 s socket timeout by default without
+    writing it into the pool's ``connection_kwargs`` when the client comes
+    from ``from_url``, so the class default is consulted too.
+    """
+    pool = getattr(redis, "connection_pool", None)
+    if pool is None:
+        return block
+    kwargs = pool.connection_kwargs
+    timeout = kwargs.get("socket_timeout", kwargs.get("orig_socket_timeout", _UNSET))
+    if timeout is _UNSET:
+        timeout = None
+        for cls in pool.connection_class.__mro__:
+            parameter = inspect.signature(cls.__init__).parameters.get("socket_timeout")
+            if parameter is not None:
+                timeout = parameter.default
+                break
+    if isinstance(timeout, int | float) and timeout > 0:
+        return min(block, max(0.05, float(timeout) * 0.8))
+    return block

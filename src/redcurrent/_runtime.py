@@ -10,7 +10,6 @@ which retries transient faults and turns a vanished stream into a stop.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,9 +19,10 @@ import anyio.abc
 import redis.asyncio as aredis
 
 from ._ack import Acker
-from ._batch import BatchConfig, Batcher
+from ._batch import Batcher
 from ._claim import Claimer, recover_own_pending
-from ._cleanup import AutoCleaner, CleanupPolicy
+from ._cleanup import AutoCleaner
+from ._config import ConsumerConfig
 from ._control import ControlListener
 from ._dead import DeadLetterWriter
 from ._dispatch import Counters, Dispatcher
@@ -32,12 +32,12 @@ from ._lease import LeaseKeeper, Recounter
 from ._member import GroupMember
 from ._message import StopReason
 from ._read import Reader
-from ._redis import AnyRedis
+from ._redis import AnyRedis, block_within_socket_timeout
 from ._routes import Router
 from ._topic import Topic
 from .errors import TopicGoneError
 
-__all__ = ["Runtime", "Settings"]
+__all__ = ["Runtime"]
 
 logger = logging.getLogger("redcurrent.consumer")
 
@@ -50,29 +50,6 @@ BATCH_PREFETCH = 1024
 HAND_BACK_IDLE = 86400.0
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """A consumer's validated configuration (meanings and defaults: see
-    :class:`~redcurrent.StreamConsumer`)."""
-
-    stream: str
-    group: str
-    name: str
-    start: str
-    claim_idle: float
-    concurrency: int
-    max_deliveries: int
-    prefetch: int
-    prefetch_given: bool
-    batch: BatchConfig
-    cleanup: CleanupPolicy | None
-    shutdown_timeout: float
-    block: float
-    consumer_idle_timeout: float
-    start_timeout: float = 30.0
-    recreate_group: bool = False
-
-
 class Runtime:
     """Runs the loops of one consumer once, in one task group, and records why
     they stopped. :class:`StreamConsumer` is its public face."""
@@ -80,7 +57,7 @@ class Runtime:
     def __init__(
         self,
         redis: AnyRedis,
-        settings: Settings,
+        settings: ConsumerConfig,
         router: Router,
         *,
         owns_client: bool,
@@ -101,7 +78,7 @@ class Runtime:
         self.dispatcher: Dispatcher | None = None
         self._owns_client = owns_client
         self._label = label
-        self._block = settings.block
+        self._block = block_within_socket_timeout(redis, settings.block)
         self._services: anyio.abc.TaskGroup | None = None
         self._feed_scope: anyio.CancelScope | None = None
         self._work_scope: anyio.CancelScope | None = None
@@ -279,7 +256,7 @@ class Runtime:
         ):
             return False
         last = self.member.last_read
-        start = last.decode() if last is not None else self.settings.start
+        start = last.decode() if last is not None else self.settings.start_id
         if await self.member.create_group(start):
             logger.error(
                 "%s: the stream or group vanished (%s): was Redis restarted without "
@@ -293,7 +270,7 @@ class Runtime:
         return True
 
     async def _create_group(self) -> None:
-        start, group = self.settings.start, self.settings.group
+        start, group = self.settings.start_id, self.settings.group
         if await self.member.create_group(start):
             logger.info("%s: created group %r at %r", self, group, start)
         else:
@@ -309,13 +286,15 @@ class Runtime:
         can only fill from what the consumer may hold. Batch handlers are there
         for throughput, so by default they also get room to read ahead."""
         settings = self.settings
+        given = settings.prefetch
+        prefetch = given if given is not None else max(4 * settings.concurrency, 256)
         sizes = [r.size or settings.batch.size for r in self.router.routes.values() if r.batch]
         if not sizes:
-            return settings.prefetch
+            return prefetch
         floor = 4 * max(sizes)
-        if not settings.prefetch_given:
+        if given is None:
             floor = max(floor, BATCH_PREFETCH)
-        return max(settings.prefetch, floor)
+        return max(prefetch, floor)
 
     async def _feed(self, dispatcher: Dispatcher) -> None:
         """Own pending first, then claims and new entries side by side."""

@@ -6,8 +6,8 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import _cleanup, _control, _dead, _info
-from ._cleanup import CleanupPolicy
 from ._codec import check_message_type, encode_data, encode_fields, encode_metadata
+from ._config import CleanupPolicy
 from ._keys import TopicKeys
 from ._message import DeadLetter, TopicInfo
 from ._redis import AnyRedis, as_str
