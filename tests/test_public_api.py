@@ -67,7 +67,7 @@ def test_py_typed_ships() -> None:
         redcurrent.ValidationError("1-0", "bad"),
         redcurrent.NoHandlerError("1-0", "email"),
         redcurrent.BatchError(["1-0"], "one failed"),
-        redcurrent.TopicGoneError("orders", "NOGROUP", terminated=True),
+        redcurrent.TopicGoneError("orders", "NOGROUP"),
         redcurrent.ConfigurationError("bad option"),
     ],
 )

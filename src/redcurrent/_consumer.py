@@ -270,10 +270,12 @@ class StreamConsumer:
             await self._run.done.wait()
         return await self.done()
 
-    async def stop(self) -> StopReason:
-        """Stop gracefully and wait until done. From inside a handler use
-        :meth:`request_stop`, which does not wait for the handler itself."""
-        self.request_stop()
+    async def stop(self, *, hard: bool = False) -> StopReason:
+        """Stop and wait until done: gracefully (running handlers get
+        ``shutdown_timeout``), or with ``hard`` cancelling them now (their
+        messages stay pending). From inside a handler use :meth:`request_stop`,
+        which does not wait for the handler itself."""
+        self.request_stop(hard=hard)
         return await self.done()
 
     def request_stop(self, *, hard: bool = False) -> None:

@@ -159,13 +159,17 @@ class BatchError(RedcurrentError):
 
 
 class TopicGoneError(RedcurrentError):
-    """The stream or its consumer group vanished while it was in use."""
+    """The stream or its consumer group vanished while it was in use.
 
-    def __init__(self, stream: str, detail: str, *, terminated: bool = False) -> None:
+    Whether it was a :meth:`Topic.terminate` or a deletion by someone else is
+    told by the consumer's ``stop_reason`` (``TERMINATED`` or ``DELETED``),
+    which waits for the terminate notice this error cannot know about.
+    """
+
+    def __init__(self, stream: str, detail: str) -> None:
         self.stream = stream
         self.detail = detail
-        self.terminated = terminated
         super().__init__(f"stream {stream!r}: {detail}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.stream, self.detail), {"terminated": self.terminated})
+        return (type(self), (self.stream, self.detail))
