@@ -63,6 +63,19 @@ class TopicKeys:
 
     __slots__ = ("cleanup_lock", "control_channel", "dead_letters", "stopped", "stream", "tag")
 
+    stream: str
+    """The stream's own name."""
+    tag: str
+    """The hash tag every key of the topic carries (the stream's cluster slot)."""
+    dead_letters: str
+    """The dead-letter stream."""
+    stopped: str
+    """The set of stopped message ids."""
+    cleanup_lock: str
+    """The lock that lets one cleaner run at a time."""
+    control_channel: str
+    """The pub/sub channel of stop, resume and terminate notices."""
+
     def __init__(self, stream: str) -> None:
         self.stream = stream
         self.tag = hash_tag(stream)

@@ -41,8 +41,8 @@ class Topic:
         if not name:
             raise ConfigurationError("a topic needs a non-empty stream name")
         self._redis = redis
-        self.name = name
-        self.keys = TopicKeys(name)
+        self.name: str = name
+        self.keys: TopicKeys = TopicKeys(name)
         self._publish_script: AsyncScript | None = None
 
     @property

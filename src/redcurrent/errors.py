@@ -151,7 +151,7 @@ class BatchError(RedcurrentError):
     """
 
     def __init__(self, failed_ids: Iterable[str], message: str = "") -> None:
-        self.failed_ids = frozenset(failed_ids)
+        self.failed_ids: frozenset[str] = frozenset(failed_ids)
         super().__init__(message or f"{len(self.failed_ids)} message(s) of the batch failed")
 
     def __reduce__(self) -> tuple[Any, ...]:
