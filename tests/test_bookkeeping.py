@@ -78,7 +78,7 @@ from redcurrent._keys import TopicKeys
 from redcurrent._lease import LeaseKeeper, Recounter
 from redcurrent._member import GroupMember
 from redcurrent._read import Reader
-from redcurrent._routes import Router
+from redcurrent._routes import RouteTable
 from redcurrent.errors import BatchError
 
 GROUP = "g"
@@ -318,7 +318,7 @@ class BookkeepingMachine(RuleBasedStateMachine):
             # The same ids in every example: replays iterate sets of ids alike.
             entry_id = f"1-{n + 1}"
             self.ids.append(await redis.execute_command("XADD", self.stream, entry_id, *fields))
-        router = Router()
+        router = RouteTable()
         router.add("one", self._handle_one, None)
         router.add("many", self._handle_many, None, batch=True, size=BATCH_SIZE)
         self.member = member = GroupMember(redis, self.keys, GROUP, ME)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._config import BatchConfig, CleanupPolicy, ConsumerConfig
 from ._consumer import StreamConsumer
+from ._context import Context
 from ._keys import TopicKeys
 from ._message import (
     ConsumerStats,
@@ -14,6 +15,7 @@ from ._message import (
     StopReason,
     TopicInfo,
 )
+from ._router import Router
 from ._routes import BatchHandlerObject, HandlerObject
 from ._topic import Topic
 from ._version import __version__
@@ -40,6 +42,7 @@ __all__ = [
     "ConsumerConfig",
     "ConsumerStateError",
     "ConsumerStats",
+    "Context",
     "DeadLetter",
     "DecodeError",
     "GroupInfo",
@@ -47,6 +50,7 @@ __all__ = [
     "Message",
     "NoHandlerError",
     "RedcurrentError",
+    "Router",
     "StartFrom",
     "StartTimeoutError",
     "StopReason",

@@ -11,25 +11,24 @@ import contextlib
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 
 from ._config import BatchConfig, CleanupPolicy, ConsumerConfig
+from ._context import Context
+from ._handlers import HandlerSpec
 from ._keys import TopicKeys
 from ._message import ConsumerStats, StartFrom, StopReason
 from ._redis import AnyRedis, bytes_client
-from ._routes import BatchHandlerObject, HandlerObject, Router
+from ._router import Registrar
+from ._routes import RouteTable
 from ._runtime import Runtime
+from ._topic import Topic
 from .errors import ConfigurationError, ConsumerStateError, StartTimeoutError
 
 __all__ = ["StreamConsumer"]
-
-
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def default_consumer_name() -> str:
@@ -37,7 +36,7 @@ def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-class StreamConsumer:
+class StreamConsumer(Registrar):
     """Consume one stream as one member of a consumer group.
 
     Semantics (at-least-once): a message leaves the group's pending list only
@@ -52,7 +51,7 @@ class StreamConsumer:
 
     # Slots: setting an option after construction (``consumer.claim_idle = 1``)
     # is an AttributeError instead of a silent no-op; options live in ``config``.
-    __slots__ = ("_config", "_keys", "_router", "_run", "_tg")
+    __slots__ = ("_config", "_keys", "_routes", "_run", "_tg")
 
     def __init__(
         self,
@@ -104,11 +103,14 @@ class StreamConsumer:
     def _setup(self, redis: AnyRedis, config: ConsumerConfig) -> None:
         self._config = config
         self._keys = TopicKeys(config.stream)
-        self._router = Router()
+        # One Context for all handlers: the optional second parameter costs
+        # nothing per message.
+        context = Context(Topic(redis, config.stream), consumer=config.name, group=config.group)
+        self._routes = RouteTable(context)
         client = bytes_client(redis)
         # A sibling client made for a decode_responses one is ours to close.
         self._run = Runtime(
-            client, config, self._router, owns_client=client is not redis, label=repr(self)
+            client, config, self._routes, owns_client=client is not redis, label=repr(self)
         )
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -139,51 +141,11 @@ class StreamConsumer:
         return f"StreamConsumer({self.stream!r}, group={self.group!r}, name={self.name!r})"
 
     # -- registration -------------------------------------------------------
-    def handler(self, message_type: str, model: type[Any] | None = None) -> Callable[[F], F]:
-        """Register ``async def fn(msg: Message) -> None`` for a type (``"*"``:
-        every type without a handler of its own). With ``model``, ``msg.data``
-        is decoded and validated into that type; entries that do not fit
-        become dead letters."""
-
-        def register(fn: F) -> F:
-            self._check_not_started()
-            self._router.add(message_type, fn, model)
-            return fn
-
-        return register
-
-    def batch_handler(
-        self,
-        message_type: str,
-        size: int | None = None,
-        timeout: float | None = None,
-        model: type[Any] | None = None,
-    ) -> Callable[[F], F]:
-        """Register ``async def fn(msgs: list[Message]) -> None`` for a type.
-
-        It gets up to ``size`` messages (default: ``BatchConfig.size``), or
-        fewer once the oldest waited ``timeout`` seconds. Raise
-        :class:`BatchError` naming failed ids to acknowledge the others.
-        """
-
-        def register(fn: F) -> F:
-            self._check_not_started()
-            self._router.add(message_type, fn, model, batch=True, size=size, timeout=timeout)
-            return fn
-
-        return register
-
-    def register(self, obj: HandlerObject, model: type[Any] | None = None) -> None:
-        """Register an object with ``message_type`` and ``async handle(msg)``."""
+    # handler, batch_handler, register, register_batch and include_router come
+    # from Registrar; each checked handler lands here.
+    def _add_spec(self, spec: HandlerSpec) -> None:
         self._check_not_started()
-        self._router.add(obj.message_type, obj.handle, model)
-
-    def register_batch(self, obj: BatchHandlerObject, model: type[Any] | None = None) -> None:
-        """Register an object with ``message_type``, ``batch_size`` (0: the
-        consumer's default) and ``async handle_batch(msgs)``."""
-        self._check_not_started()
-        size = obj.batch_size or None
-        self._router.add(obj.message_type, obj.handle_batch, model, batch=True, size=size)
+        self._routes.include(spec)
 
     def _check_not_started(self) -> None:
         if self._run.started:
@@ -221,7 +183,7 @@ class StreamConsumer:
     async def __aenter__(self) -> StreamConsumer:
         if self._run.started:
             raise ConsumerStateError(f"{self!r} was already started; create a new consumer")
-        if not self._router:
+        if not self._routes:
             raise ConfigurationError(f"{self!r} has no handlers")
         self._run.started = True
         tg = anyio.create_task_group()

@@ -26,7 +26,7 @@ from ._batch import Batch, Batcher
 from ._codec import FIELD_TYPE, decode_message, decode_type, is_init_entry
 from ._dead import DeadLetterWriter
 from ._message import ConsumerStats, Message
-from ._routes import Route, Router
+from ._routes import Route, RouteTable
 from .errors import BatchError, DecodeError, NoHandlerError
 
 __all__ = ["Counters", "Dispatcher", "Item"]
@@ -113,7 +113,7 @@ class Dispatcher:
         self,
         *,
         stream: str,
-        router: Router,
+        router: RouteTable,
         ack: Callable[[bytes], None],
         dead: DeadLetterWriter,
         counters: Counters,

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from ._codec import PayloadDecoder, check_message_type, payload_decoder
+from ._codec import PayloadDecoder, payload_decoder
+from ._context import Context
+from ._handlers import HandlerSpec, handler_spec
 from ._message import Message
 from .errors import ConfigurationError
 
-__all__ = ["BatchHandlerObject", "HandlerObject", "Route", "Router"]
+__all__ = ["BatchHandlerObject", "HandlerObject", "Route", "RouteTable"]
 
 CATCH_ALL = "*"
-
-SingleFn = Callable[[Message[Any]], Awaitable[Any]]
-BatchFn = Callable[[list[Message[Any]]], Awaitable[Any]]
 
 
 @runtime_checkable
@@ -43,69 +41,68 @@ class Route:
 
     __slots__ = ("batch", "decoder", "fn", "name", "size", "timeout")
 
-    def __init__(
-        self,
-        fn: Callable[..., Awaitable[Any]],
-        decoder: PayloadDecoder,
-        *,
-        batch: bool,
-        size: int | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        self.fn = fn
-        self.decoder = decoder
-        self.batch = batch
-        self.size = size
-        self.timeout = timeout
-        self.name = getattr(fn, "__qualname__", repr(fn))
+    def __init__(self, spec: HandlerSpec, context: Context | None) -> None:
+        #: what the dispatcher calls with the message (or list of messages).
+        self.fn: Callable[[Any], Awaitable[Any]] = _bind(spec, context)
+        self.decoder: PayloadDecoder = payload_decoder(spec.model)
+        self.batch = spec.batch
+        self.size = spec.size
+        self.timeout = spec.timeout
+        self.name = spec.name
 
 
-class Router:
-    __slots__ = ("catch_all", "routes")
+def _bind(spec: HandlerSpec, context: Context | None) -> Callable[[Any], Awaitable[Any]]:
+    """The handler as the dispatcher calls it: with the message alone, so that
+    only handlers that ask for the Context pay for passing it."""
+    fn = spec.fn
+    if not spec.takes_context:
+        return fn
+    if context is None:
+        raise ConfigurationError(f"handler {spec.name} asks for a Context, and there is none")
+    return lambda msg: fn(msg, context)
 
-    def __init__(self) -> None:
+
+class RouteTable:
+    """A consumer's handlers by message type (the public :class:`Router` only
+    collects handlers; this is where they are bound to one consumer)."""
+
+    __slots__ = ("catch_all", "context", "routes")
+
+    def __init__(self, context: Context | None = None) -> None:
         self.routes: dict[str, Route] = {}
         self.catch_all: Route | None = None
+        self.context = context
 
     def add(
         self,
         message_type: str,
         fn: Callable[..., Awaitable[Any]],
-        model: type[Any] | None,
+        model: Any = None,
         *,
         batch: bool = False,
         size: int | None = None,
         timeout: float | None = None,
     ) -> None:
-        check_message_type(message_type)
-        if not callable(fn):
-            raise ConfigurationError(f"handler for {message_type!r} is not callable: {fn!r}")
-        if inspect.isfunction(fn) and not inspect.iscoroutinefunction(fn):
-            raise ConfigurationError(
-                f"handler {fn.__qualname__} for {message_type!r} must be an async function "
-                "(async def); run blocking work with anyio.to_thread.run_sync inside it"
-            )
-        if size is not None and size < 1:
-            raise ConfigurationError(f"batch size for {message_type!r} must be >= 1, got {size}")
-        if timeout is not None and timeout <= 0:
-            raise ConfigurationError(f"batch timeout for {message_type!r} must be > 0")
-        route = Route(
-            fn,
-            payload_decoder(model),  # type: ignore[arg-type]
-            batch=batch,
-            size=size,
-            timeout=timeout,
-        )
+        self.include(handler_spec(message_type, fn, model, batch=batch, size=size, timeout=timeout))
+
+    def include(self, spec: HandlerSpec) -> None:
+        message_type = spec.message_type
         if message_type == CATCH_ALL:
-            if batch:
+            if spec.batch:
                 raise ConfigurationError('the catch-all "*" takes a single-message handler')
             if self.catch_all is not None:
-                raise ConfigurationError('a catch-all "*" handler is already registered')
-            self.catch_all = route
+                raise ConfigurationError(
+                    f'a catch-all "*" handler is already registered ({self.catch_all.name}); '
+                    f"cannot add {spec.name}"
+                )
+            self.catch_all = Route(spec, self.context)
             return
         if message_type in self.routes:
-            raise ConfigurationError(f"a handler for {message_type!r} is already registered")
-        self.routes[message_type] = route
+            raise ConfigurationError(
+                f"a handler for {message_type!r} is already registered "
+                f"({self.routes[message_type].name}); cannot add {spec.name}"
+            )
+        self.routes[message_type] = Route(spec, self.context)
 
     def get(self, message_type: str) -> Route | None:
         return self.routes.get(message_type, self.catch_all)

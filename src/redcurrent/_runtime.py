@@ -33,7 +33,7 @@ from ._member import GroupMember
 from ._message import StopReason
 from ._read import Reader
 from ._redis import AnyRedis, block_within_socket_timeout
-from ._routes import Router
+from ._routes import RouteTable
 from ._topic import Topic
 from .errors import TopicGoneError
 
@@ -58,7 +58,7 @@ class Runtime:
         self,
         redis: AnyRedis,
         settings: ConsumerConfig,
-        router: Router,
+        router: RouteTable,
         *,
         owns_client: bool,
         label: str,
