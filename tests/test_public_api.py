@@ -42,6 +42,12 @@ def test_design_contract_names_are_public() -> None:
         assert name in redcurrent.__all__
 
 
+def test_router_and_context_are_public() -> None:
+    """Handlers declared without a consumer, and what they reach at run time."""
+    assert {"Router", "Context"} <= set(redcurrent.__all__)
+    assert redcurrent.Router.__module__ == redcurrent.Context.__module__ == "redcurrent"
+
+
 def test_errors_share_one_root() -> None:
     for name in redcurrent.__all__:
         obj = getattr(redcurrent, name)

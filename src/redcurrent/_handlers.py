@@ -290,6 +290,11 @@ def _custom_type(info: msgspec.inspect.Type, seen: set[int]) -> Any:
 
 
 def _show(annotation: Any) -> str:
-    if isinstance(annotation, type) and not typing.get_args(annotation):
+    """An annotation as written in code: ``Message[Email]``, not its module path."""
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if isinstance(annotation, type) and not args:
         return annotation.__qualname__
-    return repr(annotation).replace("redcurrent._message.", "").replace("typing.", "")
+    if isinstance(origin, type) and args:
+        return f"{origin.__qualname__}[{', '.join(_show(a) for a in args)}]"
+    return repr(annotation).replace("typing.", "")
