@@ -1,7 +1,8 @@
 """Property-based test of a consumer's in-memory bookkeeping (issue 13).
 
-A hypothesis state machine drives a real :class:`~redcurrent._dispatch.Dispatcher`
-wired as ``Runtime.main`` wires it, with a real :class:`Reader`, :class:`Claimer`,
+A hypothesis state machine drives a real :class:`~redcurrent._dispatch.Dispatcher` and
+its :class:`~redcurrent._inflight.InFlight` state, wired as ``Runtime.main`` wires them,
+with a real :class:`Reader`, :class:`Claimer`,
 :class:`Acker`, :class:`DeadLetterWriter`, :class:`LeaseKeeper` and :class:`Recounter`
 on a real Redis: one stream of 24 entries and one group of its own per example. The
 event loop runs in a blocking portal; after every rule the test waits until the loop is
@@ -74,10 +75,12 @@ from redcurrent._claim import Claimer
 from redcurrent._codec import encode_fields
 from redcurrent._dead import DeadLetterWriter
 from redcurrent._dispatch import Counters, Dispatcher
+from redcurrent._inflight import InFlight
 from redcurrent._keys import TopicKeys
-from redcurrent._lease import LeaseKeeper, Recounter
+from redcurrent._lease import LeaseKeeper
 from redcurrent._member import GroupMember
 from redcurrent._read import Reader
+from redcurrent._recount import Recounter
 from redcurrent._routes import RouteTable
 from redcurrent.errors import BatchError
 
@@ -143,8 +146,10 @@ class Feeder:
 class WatchedAcker(Acker):
     """The acker, telling the test which ids the reader takes to send itself."""
 
-    def __init__(self, member: GroupMember, on_take: Callable[[list[bytes]], None]) -> None:
-        super().__init__(member)
+    def __init__(
+        self, member: GroupMember, inflight: InFlight, on_take: Callable[[list[bytes]], None]
+    ) -> None:
+        super().__init__(member, inflight)
         self.on_take = on_take
 
     def take(self) -> list[bytes]:
@@ -189,7 +194,6 @@ class BookkeepingMachine(RuleBasedStateMachine):
         #: entries resumed after close(): dropped from parked, left held for hand-back.
         self.dropped: set[bytes] = set()
         self.closing = False
-        self.urged = False
         self.hard = False
         self.workers_done = False
         # The server's view, read after every step.
@@ -222,17 +226,17 @@ class BookkeepingMachine(RuleBasedStateMachine):
         await self._settle()
 
     def _quiet(self) -> bool:
-        d = self.d
+        d, inf = self.d, self.inflight
         if self.errors:
             return True  # reported by the invariant
         if self.hard and not self.workers_done:
             return False
-        if not self.closing and not self.workers_done and len(d._slots) != self.concurrency:
+        if not self.closing and not self.workers_done and len(d.slots) != self.concurrency:
             return False  # still starting
         if any(c.released for c in self.calls):
             return False  # a handler was let go and has not run yet
         busy = 0
-        for slot in d._slots:
+        for slot in d.slots:
             if slot.current is None:
                 if d.queue or d.closing:
                     return False  # about to take the next item, or to exit
@@ -249,23 +253,16 @@ class BookkeepingMachine(RuleBasedStateMachine):
             if feeder.phase != "reserving":
                 return False
             reserving += 1
-        return not reserving or (d._space_waiters >= reserving and not d._space.is_set())
+        return not reserving or inf.waiting_for_space() >= reserving
 
     def _taken(self, ids: list[bytes]) -> None:
         for raw in ids:
             self.unsent.remove(raw)  # sent ahead of the reader's XREADGROUP
 
-    def _urge(self) -> None:
-        """``Dispatcher.flush_acks``: the acker is asked to send what it has now."""
-        self.urged = True
-
     async def _settle(self) -> None:
         spins = 0
         with anyio.move_on_after(10) as scope:
-            while not self._quiet() or self.urged:
-                if self.urged and self._quiet():
-                    self.urged = False
-                    await self._send_acks()
+            while not self._quiet():
                 await anyio.sleep(0 if spins < 100 else 0.001)
                 spins += 1
         if scope.cancelled_caught:
@@ -280,16 +277,16 @@ class BookkeepingMachine(RuleBasedStateMachine):
         ]
 
     def _describe(self) -> str:
-        d = self.d
+        d, inf = self.d, self.inflight
         slots = [
             (s.current if isinstance(s.current, tuple | type(None)) else "batch", s.in_handler)
-            for s in d._slots
+            for s in d.slots
         ]
         return (
             f"slots={slots} queue={len(d.queue)} calls={len(self.calls)} "
             f"feeders={[(f.kind, f.phase) for f in self.feeders.values()]} "
-            f"held={len(d.held)} parked={len(d.parked)} reserved={d.reserved} "
-            f"waiters={d._space_waiters} space_set={d._space.is_set()}"
+            f"held={len(inf.held)} parked={len(inf.parked)} reserved={inf.reserved} "
+            f"waiting for room={inf.waiting_for_space()}"
         )
 
     # -- set-up ----------------------------------------------------------------------
@@ -322,44 +319,45 @@ class BookkeepingMachine(RuleBasedStateMachine):
         router.add("one", self._handle_one, None)
         router.add("many", self._handle_many, None, batch=True, size=BATCH_SIZE)
         self.member = member = GroupMember(redis, self.keys, GROUP, ME)
-        self.acker = acker = WatchedAcker(member, self._taken)
+        # No timed waits: every step must be deterministic.
+        self.inflight = inflight = InFlight(self.prefetch, batch_wait=0)
+        self.acker = acker = WatchedAcker(member, inflight, self._taken)
 
         def ack(raw_id: bytes) -> None:
             self.acks[raw_id] += 1
-            if raw_id not in self.d.held:
+            if raw_id not in inflight.held:
                 self.stale_acks.add(raw_id)  # settled after it was lost
             self.unsent.append(raw_id)
             acker.add(raw_id)
 
+        # The batch timeout is the "clock passes" rule, never the wall clock.
+        self.batcher = Batcher(BatchConfig(size=BATCH_SIZE, timeout=3600))
         self.d = d = Dispatcher(
             stream=self.stream,
             router=router,
+            inflight=inflight,
             ack=ack,
             dead=DeadLetterWriter(redis, self.keys, GROUP, ME, call=member.call),
             counters=Counters(),
             max_deliveries=self.max_deliveries,
-            batcher=None,
+            batcher=self.batcher,
             is_stopped=lambda entry_id: entry_id.encode() in self.stopped,
-            prefetch=self.prefetch,
         )
-        # The batch timeout is the "clock passes" rule, never the wall clock.
-        self.batcher = Batcher(BatchConfig(size=BATCH_SIZE, timeout=3600), d.enqueue_batch)
-        d.batcher = self.batcher
-        # Wired as Runtime.main wires them. The acker's timer is the send_acks rule;
-        # when the dispatcher urges it, it sends before the step ends.
-        acker.on_acked = d.acked
-        d.flush_acks = self._urge
-        d.ack_backlog = lambda: acker.waiting
-        acker.reader_will_send = lambda: d.reader_waiting
-        d.batch_wait = 0  # no timed waits: every step must be deterministic
-        self._instrument(d)
-        reader = Reader(member, d, block=0.001, count=self.read_count, acker=acker)
+        # Wired as Runtime.main wires them. The acker's timer is the send_acks rule.
+        self._instrument(d, inflight)
+        reader = Reader(member, inflight, d.submit, block=0.001, count=self.read_count, acker=acker)
         self.claimer = Claimer(
-            member, d, claim_idle=CLAIM_IDLE_MS / 1000, interval=CLAIM_IDLE_MS / 2000, count=4
+            member,
+            inflight,
+            d.submit,
+            d.counters,
+            claim_idle=CLAIM_IDLE_MS / 1000,
+            interval=CLAIM_IDLE_MS / 2000,
+            count=4,
+            flush_acks=self._send_acks,  # as Runtime wires it: acker.flush
         )
-        self.claimer.flush_acks = self._send_acks  # as Runtime wires it: acker.flush
-        self.lease = LeaseKeeper(member, d, interval=3600)
-        self.recounter = Recounter(member, d)
+        self.lease = LeaseKeeper(member, inflight, interval=3600)
+        self.recounter = Recounter(member, inflight)
         self.work_scope = anyio.CancelScope()
         self._spawn(self._run_workers())
         self._feed("reader", reader.run)
@@ -394,7 +392,7 @@ class BookkeepingMachine(RuleBasedStateMachine):
         for raw in ids:
             if raw in self.stopped:
                 self.violations.append(f"handler ran for stopped message {raw!r}")
-            if raw not in self.d.held:
+            if raw not in self.inflight.held:
                 self.violations.append(f"handler ran for {raw!r}, which is not held")
             if raw in running:
                 self.violations.append(f"two handlers ran {raw!r} at once")
@@ -427,17 +425,17 @@ class BookkeepingMachine(RuleBasedStateMachine):
             raise BatchError([raw.decode() for raw in failed])
 
     # -- intake ----------------------------------------------------------------------
-    def _instrument(self, d: Dispatcher) -> None:
+    def _instrument(self, d: Dispatcher, inflight: InFlight) -> None:
         """Watch the intake without changing what it does: which entries arrive
         fresh, which acknowledgements the reader sends with its read, and whether a
         read or claim waits for its turn (a rule), for room, or talks to Redis."""
-        submit, reserve = d.submit, d.reserve
+        submit, reserve = d.submit, inflight.reserve
 
         def watched_submit(
             entries: list[tuple[bytes, dict[bytes, bytes]]],
             counts: dict[bytes, int] | None = None,
         ) -> None:
-            fresh = [raw for raw, _ in entries if raw not in d.held]
+            fresh = [raw for raw, _ in entries if raw not in inflight.held]
             submit(entries, counts)
             for raw in fresh:
                 self.delivered.add(raw)
@@ -457,7 +455,7 @@ class BookkeepingMachine(RuleBasedStateMachine):
                 feeder.phase = "io"
 
         d.submit = watched_submit  # type: ignore[method-assign]
-        d.reserve = watched_reserve  # type: ignore[method-assign]
+        inflight.reserve = watched_reserve  # type: ignore[method-assign]
 
     def _feed(self, kind: str, loop: Callable[[], Awaitable[Any]], turns: int = 0) -> None:
         """Run a read or claim loop; it waits at each ``reserve`` for a rule to
@@ -482,11 +480,11 @@ class BookkeepingMachine(RuleBasedStateMachine):
 
     async def _claim(self) -> None:
         """One turn of ``Claimer.run``: a real XAUTOCLAIM step from its cursor."""
-        d, claimer = self.d, self.claimer
-        d.claim_share = min(claimer.count, d.prefetch // 4)
+        inflight, claimer = self.inflight, self.claimer
+        inflight.claim_share = min(claimer.count, inflight.prefetch // 4)
         await claimer.claim_once()
-        if claimer._cursor == b"0-0":
-            d.claim_share = 0
+        if claimer.cursor == b"0-0":
+            inflight.claim_share = 0
 
     @precondition(
         lambda self: (
@@ -569,7 +567,7 @@ class BookkeepingMachine(RuleBasedStateMachine):
     def _resume(self, raw: bytes) -> None:
         d = self.d
         self.stopped.discard(raw)
-        was_parked = raw in d.parked
+        was_parked = raw in self.inflight.parked
         d.resume(raw.decode())
         if was_parked:
             (self.dropped if d.closing else self.resumed).add(raw)
@@ -600,7 +598,7 @@ class BookkeepingMachine(RuleBasedStateMachine):
         )
         self._step(lambda: self._take_over(ids))
 
-    @precondition(lambda self: self.ready and self.d.held)
+    @precondition(lambda self: self.ready and self.inflight.held)
     @rule()
     def refresh_lease(self) -> None:
         """The lease keeper renews what is held and learns what was taken (``lose``)."""
@@ -621,14 +619,13 @@ class BookkeepingMachine(RuleBasedStateMachine):
     @rule()
     def clock_passes(self) -> None:
         """The batch timeout expires: open batches are handed to the workers."""
-        self._step(self.batcher.flush_all)
+        self._step(self.d.flush_batches)
 
     def _close(self) -> None:
         # What Runtime.request_stop does: no more intake, partial batches go now.
         for feeder in self.feeders.values():
             feeder.scope.cancel()
         self.d.close()
-        self.batcher.flush_all()
         self.closing = True
 
     @precondition(lambda self: self.ready and not self.closing and self.steps >= WARM_UP)
@@ -671,10 +668,10 @@ class BookkeepingMachine(RuleBasedStateMachine):
         return waiting, running
 
     def _check(self) -> None:
-        d = self.d
+        d, inf = self.d, self.inflight
         assert not self.errors, f"a worker, read or claim raised: {self.errors!r}"
         assert not self.violations, self.violations
-        held, parked = d.held, set(d.parked)
+        held, parked = inf.held, set(inf.parked)
 
         # -- acknowledgements and dead letters
         twice = {raw for raw, n in self.acks.items() if n > 1}
@@ -705,24 +702,25 @@ class BookkeepingMachine(RuleBasedStateMachine):
         assert counters.dead_lettered == len(self.dead)
 
         # -- room
-        assert d.reserved == 0, f"room still reserved with no read or claim: {d.reserved}"
-        assert d.unacked == len(self.unsent), (d.unacked, self.unsent)
+        assert inf.reserved == 0, f"room still reserved with no read or claim: {inf.reserved}"
+        assert inf.unacked == len(self.unsent), (inf.unacked, self.unsent)
         # A resumed message keeps its excess until its XACK is sent.
         self.resumed &= (held - parked) | set(self.unsent)
         extra = len(self.resumed) + len(self.dropped & held)
-        assert d.active <= d.prefetch + extra, (
-            f"active {d.active} > prefetch {d.prefetch} (+{extra} resumed)"
+        assert inf.active <= inf.prefetch + extra, (
+            f"active {inf.active} > prefetch {inf.prefetch} (+{extra} resumed)"
         )
         # Acks not sent yet hold room too; a lost entry's late ack holds it a second
         # time (its room was given back when it was lost): allowed, it is brief.
         stale = sum(1 for raw in self.unsent if raw in self.stale_acks)
-        assert d.active + d.unacked - stale <= d.prefetch + extra, (
-            f"active {d.active} + unacked {d.unacked} > prefetch {d.prefetch} (+{extra} resumed)"
+        assert inf.active + inf.unacked - stale <= inf.prefetch + extra, (
+            f"active {inf.active} + unacked {inf.unacked} > "
+            f"prefetch {inf.prefetch} (+{extra} resumed)"
         )
         waiting_for_room = [f.kind for f in self.feeders.values() if f.phase == "reserving"]
         if waiting_for_room and not self.closing:
-            assert d.free() < d.prefetch - d.prefetch // 2, (
-                f"{waiting_for_room} wait for room with {d.free()} of {d.prefetch} free"
+            assert inf.free() < inf.prefetch - inf.prefetch // 2, (
+                f"{waiting_for_room} wait for room with {inf.free()} of {inf.prefetch} free"
             )
 
         # -- nothing held for ever, nothing handled uncounted
@@ -732,9 +730,9 @@ class BookkeepingMachine(RuleBasedStateMachine):
             waiting, running = self._whereabouts()
             nowhere = held - parked - waiting - running - self.dropped
             assert not nowhere, f"held, but neither parked, queued nor running: {nowhere}"
-            uncounted = (waiting | running) - held - d.lost
+            uncounted = (waiting | running) - held - inf.lost
             assert not uncounted, f"queued or running but not held: {uncounted}"
-            lingering = d.lost - waiting - running - self.dropped
+            lingering = inf.lost - waiting - running - self.dropped
             assert not lingering, f"lost ids that nothing will clear: {lingering}"
 
         # -- the server agrees
@@ -780,14 +778,14 @@ class BookkeepingMachine(RuleBasedStateMachine):
 
     def _final_check(self) -> None:
         self._check()
-        d = self.d
-        assert d.reserved == 0
+        inf = self.inflight
+        assert inf.reserved == 0
         if not self.hard:
             # Left in the queue or a batch (a stopped batch's other messages are
             # batched again after close): held, handed back like the rest.
             waiting, _ = self._whereabouts()
-            assert waiting <= d.held | d.lost, f"left behind, not held: {waiting - d.held}"
-            lingering = d.lost - waiting - self.dropped
+            assert waiting <= inf.held | inf.lost, f"left behind, not held: {waiting - inf.held}"
+            lingering = inf.lost - waiting - self.dropped
             assert not lingering, f"lost ids linger after the drain: {lingering}"
         letters = {raw for raw, _, _ in self.dead}
         for raw in self.ids:
@@ -797,13 +795,13 @@ class BookkeepingMachine(RuleBasedStateMachine):
                 places.append("acknowledged")
             if raw in letters:
                 places.append("dead-lettered")
-            if raw in d.parked:
+            if raw in inf.parked:
                 places.append("parked")
-            elif raw in d.held:
+            elif raw in inf.held:
                 places.append("held, to be handed back")
-            if owner == OTHER.encode() and raw not in d.held:
+            if owner == OTHER.encode() and raw not in inf.held:
                 places.append("lost to the other consumer")
-            if owner == ME.encode() and raw not in d.held and self.last.get(raw) == "fail":
+            if owner == ME.encode() and raw not in inf.held and self.last.get(raw) == "fail":
                 places.append("pending for a retry")
             if raw not in self.delivered and owner is None:
                 places.append("never delivered")

@@ -415,7 +415,7 @@ async def test_stats_match_a_known_scenario(
     assert stats.failed == 3  # flaky once, poison twice
     assert stats.dead_lettered == 2  # poison after max_deliveries, the undecodable at once
     assert stats.claimed == 2  # the second deliveries of flaky and poison
-    assert stats.in_flight == 0
+    assert stats.held == 0
 
 
 # -- stopping ---------------------------------------------------------------------
@@ -592,7 +592,7 @@ async def test_concurrency_cap_is_honoured_exactly(
         for _ in range(20):
             await anyio.lowlevel.checkpoint()
         assert running == cap
-        assert consumer.stats.in_flight == total
+        assert consumer.stats.held == total
         gate.set()
         await done.wait_for(total)
     assert most == cap

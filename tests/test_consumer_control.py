@@ -300,11 +300,11 @@ async def test_an_entry_taken_over_by_another_consumer_is_dropped_not_handled(
             # Another consumer takes over the second entry, still waiting here.
             await thief.xclaim("ctl", "g", "thief", 0, [second], justid=True)
             # The next lease refresh (every claim_idle / 3) finds it gone.
-            await until(lambda: consumer.stats.in_flight == 1)
+            await until(lambda: consumer.stats.held == 1)
 
     try:
         async with consumer:
-            await until(lambda: consumer.stats.handled == 1 and consumer.stats.in_flight == 0)
+            await until(lambda: consumer.stats.handled == 1 and consumer.stats.held == 0)
     finally:
         await thief.aclose()
     assert seen == [first]

@@ -131,7 +131,7 @@ async def test_consumer_survives_redis_kill_and_restart(
         in_flight = await topic.publish_many(
             [("job", {"phase": "in-flight", "n": i}) for i in range(5)]
         )
-        await wait_until(lambda: consumer.stats.in_flight == 5)
+        await wait_until(lambda: consumer.stats.held == 5)
         await anyio.to_thread.run_sync(private_redis.kill)
         gate.set()
         await seen.wait_for(15)
@@ -155,7 +155,7 @@ async def test_consumer_survives_redis_kill_and_restart(
     assert stats.handled == len(seen.messages)
     assert stats.failed == 0
     assert stats.dead_lettered == 0
-    assert stats.in_flight == 0
+    assert stats.held == 0
     assert stats.received == stats.handled
     assert stats.received - stats.claimed == 25
 

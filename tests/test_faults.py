@@ -630,9 +630,9 @@ async def test_group_gone_while_scripts_run_stops_deleted(
 
     async def holding_still() -> bool:
         stats = consumer.stats
-        if stats.dead_lettered < 100 or stats.in_flight != stats.received - 100:
+        if stats.dead_lettered < 100 or stats.held != stats.received - 100:
             return False
-        if stats.in_flight <= 500:
+        if stats.held <= 500:
             return False
         # No blocked XREADGROUP: the first command to meet the vanished group
         # is a script.
@@ -984,7 +984,7 @@ async def test_replica_promoted_under_a_running_consumer(
                 hold = await publish_many(
                     topic_a, [("job", {"phase": "hold", "n": i}) for i in range(200)]
                 )
-                await wait_while_running(consumer, lambda: consumer.stats.in_flight == prefetch)
+                await wait_while_running(consumer, lambda: consumer.stats.held == prefetch)
                 assert int(await admin_a.execute_command("WAIT", 1, 5000)) == 1
 
                 # Failover: B becomes master, A its replica.

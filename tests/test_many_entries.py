@@ -137,7 +137,7 @@ async def test_four_slow_handlers_keep_their_messages_from_a_polling_peer(
             await all_running.wait()
         async with b:
             await watch(a_keeps_all_of_them, seconds=3.0)  # handlers run 3 x claim_idle
-            assert a.stats.in_flight == len(ids)
+            assert a.stats.held == len(ids)
             release.set()
             await wait_until(nothing_pending(redis_client, STREAM, GROUP))
             assert b.stats.received == 0
@@ -175,7 +175,7 @@ async def test_more_than_a_thousand_held_entries_stay_with_their_consumer(
         assert raised == [], f"{len(raised)} held entries were delivered again"
 
     async with a:
-        await wait_until(lambda: a.stats.in_flight == n, timeout=10)
+        await wait_until(lambda: a.stats.held == n, timeout=10)
 
         async def a_owns_all() -> bool:
             return await owned_by(redis_client, "a") == n
@@ -249,7 +249,7 @@ async def test_graceful_stop_hands_back_all_it_holds(
         await anyio.Event().wait()
 
     async with a:
-        await wait_until(lambda: a.stats.in_flight == n)
+        await wait_until(lambda: a.stats.held == n)
         assert await a.stop() is StopReason.STOPPED
     rows = await pel(redis_client)
     assert sorted(rows) == sorted(ids)
@@ -297,7 +297,7 @@ async def test_prefetch_bounds_what_one_consumer_holds(
 
     @a.handler("job")
     async def slowish(msg: Message[Any]) -> None:
-        peaks["in_flight"] = max(peaks["in_flight"], a.stats.in_flight)
+        peaks["in_flight"] = max(peaks["in_flight"], a.stats.held)
         await anyio.sleep(0.005)
         handled.append((msg.id, "a"))
 
@@ -310,7 +310,7 @@ async def test_prefetch_bounds_what_one_consumer_holds(
 
     async def sample() -> None:
         while True:
-            peaks["in_flight"] = max(peaks["in_flight"], a.stats.in_flight)
+            peaks["in_flight"] = max(peaks["in_flight"], a.stats.held)
             peaks["pel"] = max(peaks["pel"], await owned_by(redis_client, "a"))
             await anyio.sleep(0.005)
 

@@ -7,11 +7,11 @@ hundreds of ids. Workers only append to a list; one task sends them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import anyio
 
+from ._inflight import InFlight
 from ._member import GroupMember
 
 __all__ = ["Acker"]
@@ -25,38 +25,21 @@ DEFERRED = 0.05
 
 class Acker:
     """Collects handled ids and acknowledges them in batches, through the
-    member's retrying call (transient faults wait, a vanished group raises)."""
+    member's retrying call (transient faults wait, a vanished group raises).
 
-    __slots__ = (
-        "_delay",
-        "_ids",
-        "_lock",
-        "_member",
-        "_urgent",
-        "_wake",
-        "acked",
-        "on_acked",
-        "reader_will_send",
-    )
+    It keeps ``inflight.unacked`` equal to the ids it holds, and gives their
+    room back as each batch is sent (and takes it again if sending failed):
+    room held by entries waiting for their XACK is free only once it is on
+    its way."""
 
-    def __init__(
-        self,
-        member: GroupMember,
-        delay: float = 0.002,
-        on_acked: Callable[[int], None] | None = None,
-    ) -> None:
-        """``on_acked(n)`` is told of every batch as it is sent (and of ``-n``
-        if sending failed), so that room held by entries waiting for their
-        XACK is given back only once it is on its way."""
+    __slots__ = ("_delay", "_ids", "_inflight", "_lock", "_member", "_wake", "acked")
+
+    def __init__(self, member: GroupMember, inflight: InFlight, delay: float = 0.002) -> None:
         self._member = member
-        self.on_acked = on_acked
-        #: True while the reader waits for room and will send the collected ids
-        #: ahead of its next read (see ``_read``): wait longer before sending.
-        self.reader_will_send: Callable[[], bool] = lambda: False
+        self._inflight = inflight
         self._delay = delay
         self._ids: list[bytes] = []
         self._wake = anyio.Event()
-        self._urgent = anyio.Event()
         # One flush at a time: the final flush of a stopping consumer must wait for
         # the one in flight (whose ids are out of ``_ids`` meanwhile), or it would
         # find nothing to send while that one is being cancelled.
@@ -66,6 +49,7 @@ class Acker:
     def add(self, entry_id: bytes) -> None:
         ids = self._ids
         ids.append(entry_id)
+        self._inflight.unacked += 1
         if len(ids) == 1:
             self._wake.set()
 
@@ -79,28 +63,23 @@ class Acker:
         ids = self._ids[:MAX_IDS_PER_ACK]
         del self._ids[:MAX_IDS_PER_ACK]
         self.acked += len(ids)
+        if ids:
+            self._inflight.acked(len(ids))  # sent ahead of the caller's read
         return ids
 
     def put_back(self, ids: list[bytes]) -> None:
         self.acked -= len(ids)
         self._ids[:0] = ids
+        self._inflight.unacked += len(ids)
         self._wake.set()
-
-    def urge(self) -> None:
-        """Send what is collected now, without waiting for more: the consumer
-        waits for the room these acknowledgements hold."""
-        self._urgent.set()
 
     async def run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
-            if len(self._ids) < MAX_IDS_PER_ACK and not self._urgent.is_set():
-                delay = DEFERRED if self.reader_will_send() else self._delay
-                with anyio.move_on_after(delay):
-                    await self._urgent.wait()
-            if self._urgent.is_set():
-                self._urgent = anyio.Event()
+            if len(self._ids) < MAX_IDS_PER_ACK:
+                # A reader waiting for room sends the ids ahead of its next read.
+                await anyio.sleep(DEFERRED if self._inflight.reader_waiting else self._delay)
             await self.flush()
 
     async def flush(self) -> None:
@@ -111,14 +90,12 @@ class Acker:
                 del self._ids[:MAX_IDS_PER_ACK]
                 # Their room is free once the XACK is on its way: the server
                 # runs it before any read this consumer sends after it.
-                if self.on_acked is not None:
-                    self.on_acked(len(batch))
+                self._inflight.acked(len(batch))
                 try:
                     await self._member.call("XACK", functools.partial(self._xack, batch))
                 except BaseException:
                     self._ids[:0] = batch
-                    if self.on_acked is not None:
-                        self.on_acked(-len(batch))
+                    self._inflight.acked(-len(batch))
                     raise
                 self.acked += len(batch)
 

@@ -14,11 +14,10 @@ from collections.abc import Callable
 import anyio
 
 from ._config import BatchConfig
+from ._inflight import Item
 from ._routes import Route
 
 __all__ = ["Batch", "Batcher"]
-
-Item = tuple[bytes, dict[bytes, bytes], int]
 
 
 class Batch:
@@ -39,18 +38,23 @@ class _Pending:
 
 
 class Batcher:
-    """Per-route accumulators and the timer that flushes the stale ones."""
+    """Per-route accumulators and the timer that hands over the stale ones.
 
-    def __init__(self, default: BatchConfig, enqueue: Callable[[Batch], None]) -> None:
+    It only accumulates: a batch it completes is returned to the caller, and
+    :meth:`run` hands the timed-out ones to ``enqueue``. So it is built before
+    the dispatcher whose queue takes them, and knows nothing of it.
+    """
+
+    def __init__(self, default: BatchConfig) -> None:
         self.default = default
-        self._enqueue = enqueue
         self._open: dict[Route, _Pending] = {}
         self._changed = anyio.Event()
 
     def size_of(self, route: Route) -> int:
         return route.size or self.default.size
 
-    def add(self, route: Route, item: Item) -> None:
+    def add(self, route: Route, item: Item) -> Batch | None:
+        """Add one message; returns its batch once that is full."""
         pending = self._open.get(route)
         if pending is None:
             timeout = route.timeout or self.default.timeout
@@ -61,25 +65,28 @@ class Batcher:
         pending.items.append(item)
         if len(pending.items) >= pending.size:
             del self._open[route]
-            self._enqueue(Batch(route, pending.items))
+            return Batch(route, pending.items)
+        return None
 
-    def flush_all(self) -> None:
-        """Hand over every partial batch now (used when the consumer stops)."""
-        for route, pending in list(self._open.items()):
-            del self._open[route]
-            self._enqueue(Batch(route, pending.items))
+    def flush_all(self) -> list[Batch]:
+        """Every partial batch, now (used when the consumer stops)."""
+        batches = [Batch(route, pending.items) for route, pending in self._open.items()]
+        self._open.clear()
+        return batches
 
     def held(self) -> list[Item]:
         return [item for pending in self._open.values() for item in pending.items]
 
-    async def run(self) -> None:
+    async def run(self, enqueue: Callable[[Batch], None]) -> None:
+        """Hand each batch to ``enqueue`` once its oldest message waited its
+        ``timeout``."""
         while True:
             now = anyio.current_time()
             next_deadline = math.inf
             for route, pending in list(self._open.items()):
                 if pending.deadline <= now:
                     del self._open[route]
-                    self._enqueue(Batch(route, pending.items))
+                    enqueue(Batch(route, pending.items))
                 else:
                     next_deadline = min(next_deadline, pending.deadline)
             self._changed = anyio.Event()

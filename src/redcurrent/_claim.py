@@ -16,7 +16,8 @@ from typing import Any
 
 import anyio
 
-from ._dispatch import Dispatcher
+from ._dispatch import Counters
+from ._inflight import InFlight, Submit
 from ._member import GroupMember
 from ._redis import entries_of
 from ._scripts import ACK_DELETED
@@ -50,12 +51,14 @@ async def delivery_counts(member: GroupMember, ids: list[bytes]) -> dict[bytes, 
         lo = b"(" + rows[-1]["message_id"]  # exclusive range (Redis >= 6.2)
 
 
-async def recover_own_pending(member: GroupMember, dispatcher: Dispatcher, count: int = 500) -> int:
-    """Feed this consumer's own pending entries to the dispatcher; returns how many."""
+async def recover_own_pending(
+    member: GroupMember, inflight: InFlight, submit: Submit, count: int = 500
+) -> int:
+    """Feed this consumer's own pending entries to ``submit``; returns how many."""
     last: bytes = b"0-0"
     total = 0
     while True:
-        n = await dispatcher.reserve(count)
+        n = await inflight.reserve(count)
         try:
             reply = await member.call(
                 "XREADGROUP",
@@ -68,9 +71,9 @@ async def recover_own_pending(member: GroupMember, dispatcher: Dispatcher, count
             entries = entries_of(reply)
             if entries:
                 counts = await delivery_counts(member, [e[0] for e in entries])
-                dispatcher.submit(entries, counts)
+                submit(entries, counts)
         finally:
-            dispatcher.unreserve(n)
+            inflight.unreserve(n)
         if not entries:
             break
         total += len(entries)
@@ -81,57 +84,64 @@ async def recover_own_pending(member: GroupMember, dispatcher: Dispatcher, count
 
 
 class Claimer:
-    """The XAUTOCLAIM loop."""
+    """The XAUTOCLAIM loop: claims go to ``submit``, and ``flush_acks`` sends
+    the acknowledgements collected so far before each step."""
 
     def __init__(
         self,
         member: GroupMember,
-        dispatcher: Dispatcher,
+        inflight: InFlight,
+        submit: Submit,
+        counters: Counters,
         *,
         claim_idle: float,
         interval: float,
         count: int = 100,
+        flush_acks: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._member = member
-        self._dispatcher = dispatcher
+        self._inflight = inflight
+        self._submit = submit
+        self._counters = counters
         self._min_idle_ms = max(1, int(claim_idle * 1000))
         self._interval = interval
         self.count = count
-        self._cursor: bytes = b"0-0"
-        self.flush_acks: Callable[[], Awaitable[None]] | None = None
+        #: where the next step starts; ``0-0`` once a pass is complete.
+        self.cursor: bytes = b"0-0"
+        self._flush_acks = flush_acks
         self._ack_deleted = member.redis.register_script(ACK_DELETED)
 
     async def run(self) -> None:
-        dispatcher = self._dispatcher
+        inflight = self._inflight
         # While a pass runs, the reader leaves this much room to it: else a
         # reader blocked on an idle stream would hold all of it for ``block``
         # seconds at every step of the pass.
-        share = min(self.count, dispatcher.prefetch // 4)
+        share = min(self.count, inflight.prefetch // 4)
         while True:
-            dispatcher.set_claim_share(share)
+            inflight.set_claim_share(share)
             await self.claim_once()
-            if self._cursor == b"0-0":
-                dispatcher.set_claim_share(0)
+            if self.cursor == b"0-0":
+                inflight.set_claim_share(0)
                 await anyio.sleep(self._interval)
 
     async def claim_once(self) -> int:
         """One XAUTOCLAIM step from the kept cursor; returns entries claimed."""
-        dispatcher = self._dispatcher
-        n = await dispatcher.reserve(self.count)
+        inflight = self._inflight
+        n = await inflight.reserve(self.count)
         try:
-            if self.flush_acks is not None:
+            if self._flush_acks is not None:
                 # Entries this consumer finished but has not acknowledged yet
                 # are pending and may be idle: send those acks first (after
                 # any wait for room), or it would claim its own finished work
                 # back and run it again.
-                await self.flush_acks()
+                await self._flush_acks()
             return await self._claim(n)
         finally:
-            dispatcher.unreserve(n)
+            inflight.unreserve(n)
 
     async def _claim(self, n: int) -> int:
         member = self._member
-        start = self._cursor
+        start = self.cursor
         reply = await member.call(
             "XAUTOCLAIM",
             functools.partial(
@@ -140,7 +150,7 @@ class Claimer:
                 *(self._min_idle_ms, start, "COUNT", n),
             ),
         )
-        self._cursor = reply[0]
+        self.cursor = reply[0]
         if len(reply) > 2 and reply[2]:
             # Redis 7+: idle pending entries whose stream entry was deleted;
             # the server already dropped them from the PEL.
@@ -151,7 +161,7 @@ class Claimer:
                 len(reply[2]),
                 ", ".join(i.decode() for i in reply[2][:20]),
             )
-        held = self._dispatcher.held
+        held = self._inflight.held
         claimed = reply[1] or []
         entries = [
             (i, f if isinstance(f, dict) else {})
@@ -162,21 +172,21 @@ class Claimer:
             # Redis 6.2 claims a pending entry whose stream entry was deleted
             # but answers nil for it, without its id: it is now ours, pending
             # for ever unless acknowledged.
-            await self._drop_deleted(start, self._cursor, {i for i, _ in entries})
+            await self._drop_deleted(start, self.cursor, {i for i, _ in entries})
         if not entries:
             return 0
         counts = await delivery_counts(member, [e[0] for e in entries])
-        self._dispatcher.counters.claimed += len(entries)
+        self._counters.claimed += len(entries)
         logger.info(
             "%r: claimed %d idle entries (first %s)", member, len(entries), entries[0][0].decode()
         )
-        self._dispatcher.submit(entries, counts)
+        self._submit(entries, counts)
         return len(entries)
 
     async def _drop_deleted(self, start: bytes, cursor: bytes, claimed: set[bytes]) -> None:
         """Acknowledge the entries of this consumer between ``start`` and
         ``cursor`` whose stream entry is gone (the nils of a 6.2 XAUTOCLAIM)."""
-        member, held = self._member, self._dispatcher.held
+        member, held = self._member, self._inflight.held
         end = b"+" if cursor == b"0-0" else b"(" + cursor
         rows: list[dict[str, Any]] = await member.own_pending(
             start, end, self.count * 10 + len(held)

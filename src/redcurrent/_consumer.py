@@ -169,8 +169,7 @@ class StreamConsumer(Registrar):
 
     @property
     def stats(self) -> ConsumerStats:
-        dispatcher = self._run.dispatcher
-        return self._run.counters.snapshot(len(dispatcher.held) if dispatcher else 0)
+        return self._run.stats()
 
     async def done(self) -> StopReason:
         """Wait until the loops have exited and acks are flushed; awaitable by

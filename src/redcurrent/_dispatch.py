@@ -20,25 +20,18 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 
 from ._batch import Batch, Batcher
 from ._codec import FIELD_TYPE, decode_message, decode_type, is_init_entry
 from ._dead import DeadLetterWriter
+from ._inflight import InFlight, Item
 from ._message import ConsumerStats, Message
 from ._routes import Route, RouteTable
 from .errors import BatchError, DecodeError, NoHandlerError
 
-__all__ = ["Counters", "Dispatcher", "Item"]
+__all__ = ["Counters", "Dispatcher", "Slot"]
 
 logger = logging.getLogger("redcurrent.consumer")
-
-#: How long the reader waits for handlers to free half the budget before it
-#: reads what room there is (seconds).
-BATCH_WAIT = 0.01
-
-#: raw entry id, fields, delivery count
-Item = tuple[bytes, dict[bytes, bytes], int]
 
 
 class Counters:
@@ -62,7 +55,7 @@ class Counters:
         )
 
 
-class _Slot:
+class Slot:
     """A worker's cancel scope and the message it is running right now.
 
     ``in_handler`` is true only while the user's handler runs: a stop cancels
@@ -109,67 +102,42 @@ def _cancelled_from_outside() -> bool:
 
 
 class Dispatcher:
+    """The worker pool over one queue of held entries and full batches.
+
+    What is held, lost, parked and how much room is left lives in
+    :class:`InFlight`; the dispatcher routes entries into it and settles them.
+    """
+
     def __init__(
         self,
         *,
         stream: str,
         router: RouteTable,
+        inflight: InFlight,
         ack: Callable[[bytes], None],
         dead: DeadLetterWriter,
         counters: Counters,
         max_deliveries: int,
         batcher: Batcher | None,
         is_stopped: Callable[[str], bool],
-        prefetch: int,
     ) -> None:
         self.stream = stream
         self.router = router
+        self.inflight = inflight
         self._ack = ack
         self._dead = dead
         self.counters = counters
         self.max_deliveries = max_deliveries
         self.batcher = batcher
         self.is_stopped = is_stopped
-        self.prefetch = prefetch
         self.queue: deque[Item | Batch] = deque()
-        #: every entry this consumer holds and has not settled: leased.
-        self.held: set[bytes] = set()
-        #: held entries another consumer took over (lease lost): skip them.
-        self.lost: set[bytes] = set()
-        #: stopped messages held aside until resumed; held (leased) but not
-        #: counted against ``prefetch``, so they never stall the intake.
-        self.parked: dict[bytes, Item] = {}
-        #: room promised to reads and claims in flight (see :meth:`reserve`).
-        self.reserved = 0
-        #: how long the reader waits for half the budget before reading less.
-        self.batch_wait = BATCH_WAIT
-        #: the reader waits for room (and will send collected acks with its read).
-        self.reader_waiting = False
-        #: room the reader leaves to a claim pass in progress (see :meth:`reserve`).
-        self.claim_share = 0
-        #: settled entries whose XACK has not been sent yet: still in the PEL
-        #: as this consumer's, so they still count against ``prefetch``.
-        self.unacked = 0
-        #: asks the acker to send what it has now (set by the runtime): called
-        #: when intake waits for room that only acknowledgements can free.
-        self.flush_acks: Callable[[], None] | None = None
-        #: acknowledgements collected and not yet sent: the reader sends them
-        #: ahead of its next read, so their room counts as free for it.
-        self.ack_backlog: Callable[[], int] = lambda: 0
-        #: resumed messages: deliveries made while they were stopped do not count.
-        self.resumed: set[bytes] = set()
-        #: delivery counters to write back to the PEL (see ``_lease.Recounter``).
-        self.recount: dict[bytes, int] = {}
-        self.recount_wanted = anyio.Event()
         self.closing = False
+        #: the workers' slots, one per running worker.
+        self.slots: list[Slot] = []
         self._work = anyio.Event()
-        self._space = anyio.Event()
-        self._space_waiters = 0
-        self._countdown = 0
-        self._slots: list[_Slot] = []
-        self._batch_types: dict[bytes, Route] = {
-            t.encode(): r for t, r in router.routes.items() if r.batch
-        }
+        self._batch_types: dict[bytes, Route] = (
+            {t.encode(): r for t, r in router.routes.items() if r.batch} if batcher else {}
+        )
 
     # -- intake -----------------------------------------------------------
     def submit(
@@ -177,11 +145,12 @@ class Dispatcher:
         entries: list[tuple[bytes, dict[bytes, bytes]]],
         counts: dict[bytes, int] | None = None,
     ) -> None:
-        held = self.held
+        inflight = self.inflight
+        held = inflight.held
+        lost = inflight.lost
         queue = self.queue
-        batched = self._batch_types and self.batcher is not None
+        batched = bool(self._batch_types)
         fresh = 0
-        lost = self.lost
         for raw_id, fields in entries:
             if raw_id in held:
                 continue  # already ours (a claim of an entry we still hold)
@@ -203,17 +172,20 @@ class Dispatcher:
 
     def _route(self, item: Item, *, front: bool = False, wake: bool = True) -> None:
         """Queue one held item, or add it to its batch; stopped ones are parked."""
-        route = self._batch_types.get(item[1].get(FIELD_TYPE, b"")) if self.batcher else None
+        batch_types = self._batch_types
+        route = batch_types.get(item[1].get(FIELD_TYPE, b"")) if batch_types else None
         if route is None:
             if front:
                 self.queue.appendleft(item)
             else:
                 self.queue.append(item)
         elif self.is_stopped(item[0].decode()):
-            self._set_aside(item)  # stopped messages never enter a batch
+            self.inflight.set_aside(item)  # stopped messages never enter a batch
         else:
             assert self.batcher is not None
-            self.batcher.add(route, item)
+            full = self.batcher.add(route, item)
+            if full is not None:
+                self.enqueue_batch(full)
         if wake:
             self._work.set()
 
@@ -221,127 +193,18 @@ class Dispatcher:
         self.queue.append(batch)
         self._work.set()
 
-    @property
-    def active(self) -> int:
-        """Entries that count against ``prefetch``: held and not parked."""
-        return len(self.held) - len(self.parked)
-
-    def free(self) -> int:
-        return self.prefetch - self.active - self.reserved - self.unacked
-
-    def acked(self, n: int) -> None:
-        """The acker sent ``n`` acknowledgements: their room is free again."""
-        self.unacked -= n
-        if self._space_waiters:
-            self._signal_space()
-
-    async def reserve(self, want: int, *, reader: bool = False) -> int:
-        """Wait for room, then promise up to ``want`` entries of it to one read
-        or claim; returns how many. The caller submits what it got and then
-        :meth:`unreserve` s the whole reservation, so that the reader and the
-        claimer together never take more than ``prefetch``.
-
-        The reader keeps its reservation through a blocking read of up to
-        ``block`` seconds, so while the claimer is in a pass (``claim_share``
-        set) the reader leaves it that much room, which it can have at once.
-
-        Waiters go first: a loop that just gave room back cannot take it again
-        before the one that was waiting for it.
-        """
-        if self._space_waiters:
-            await anyio.lowlevel.checkpoint()
-        half = self.prefetch - self.prefetch // 2
-        if reader and self.batch_wait > 0 and 0 < self._room(reader) < half and self.active:
-            # Read in large batches: while handlers are busy, give them a moment
-            # to free half the budget (the wake-up threshold) rather than read a
-            # sliver now; blocked handlers do not keep the rest from being read.
-            with anyio.move_on_after(self.batch_wait):
-                await self._wait_for_space(reader)
-        while (free := self._room(reader)) <= 0:
-            await self._wait_for_space(reader)
-        granted = min(want, free)
-        self.reserved += granted
-        return granted
-
-    async def _wait_for_space(self, reader: bool) -> None:
-        if self._space.is_set():
-            # The reader and the claimer may both wait: they must share
-            # one event, so a set one is replaced only here, once.
-            self._space = anyio.Event()
-        self._space_waiters += 1
-        self._countdown = 0  # check at the next release
-        self.reader_waiting = reader
-        try:
-            await self._space.wait()
-        finally:
-            self._space_waiters -= 1
-            self.reader_waiting = False
-
-    def set_claim_share(self, share: int) -> None:
-        """A claim pass starts (``share`` > 0) or ends (0)."""
-        lower = share < self.claim_share
-        self.claim_share = share
-        if lower and self._space_waiters:
-            self._space.set()  # the reader may take what the pass left
-
-    def _room(self, reader: bool) -> int:
-        if not reader:
-            return self.free()
-        room = self.free() - self.claim_share
-        # Only a budget more than half full makes the reader count on the
-        # acknowledgements it would send ahead of its read (free() < 0 after it
-        # reserved tells it so); with room to spare a lone read is cheaper.
-        return room if room >= self.prefetch // 2 else room + self.ack_backlog()
-
-    def unreserve(self, n: int) -> None:
-        self.reserved -= n
-        self._signal_space()
-
-    def _signal_space(self) -> None:
-        # Wake waiters only once half the buffer is free, so that a busy
-        # consumer reads in large batches instead of one entry at a time.
-        if not self._space_waiters:
-            return
-        free, half = self.free(), self.prefetch - self.prefetch // 2
-        room = free + self.ack_backlog()
-        if room >= half:
-            # The reader sends waiting acknowledgements ahead of its read.
-            self._space.set()
-            return
-        self._countdown = half - room
-        if self.unacked and free + self.unacked >= half and self.flush_acks is not None:
-            self.flush_acks()  # only acknowledgements in flight stand in the way
-
-    def lose(self, ids: list[bytes]) -> list[bytes]:
-        """Another consumer took these over: drop them (a running handler
-        finishes; queued and batched ones are skipped). Returns those that
-        were still held."""
-        still = [raw_id for raw_id in ids if raw_id in self.held]
-        for raw_id in still:
-            parked = self.parked.pop(raw_id, None) is not None
-            self._release(raw_id)
-            if not parked:
-                self.lost.add(raw_id)  # still in the queue, a batch or a handler
-        return still
-
-    def _release(self, raw_id: bytes) -> None:
-        self.held.discard(raw_id)
-        if self.resumed:
-            self.resumed.discard(raw_id)
-        if self.lost:
-            # A lost entry whose handler was running when it was lost ends here.
-            self.lost.discard(raw_id)
-        if self._space_waiters:
-            # Each release frees at most one unit of room: count down to the
-            # next moment worth checking instead of checking every time.
-            self._countdown -= 1
-            if self._countdown <= 0:
-                self._signal_space()
+    def flush_batches(self) -> None:
+        """Hand every open batch to the workers now, full or not."""
+        if self.batcher is not None:
+            for batch in self.batcher.flush_all():
+                self.enqueue_batch(batch)
 
     def close(self) -> None:
-        """No more intake: workers finish what is already in memory, then exit."""
+        """No more intake: partial batches go to the workers, which finish
+        what is already in memory, then exit."""
         self.closing = True
         self._work.set()
+        self.flush_batches()
 
     # -- control ------------------------------------------------------------
     def stop_running(self, entry_id: str) -> bool:
@@ -351,7 +214,7 @@ class Dispatcher:
         (ack, retry or dead letter) is being recorded and must complete.
         """
         raw = entry_id.encode()
-        for slot in self._slots:
+        for slot in self.slots:
             current = slot.current
             if current is None or not slot.in_handler:
                 continue
@@ -362,29 +225,17 @@ class Dispatcher:
                 return True
         return False
 
-    def _set_aside(self, item: Item) -> None:
-        """Park a stopped message, taking back the delivery that brought it:
-        deliveries while stopped do not count towards ``max_deliveries``."""
-        self.parked[item[0]] = item
-        self._recount(item[0], item[2] - 1)
-        if self._space_waiters:
-            self._signal_space()  # parked entries no longer take room
-
     def resume(self, entry_id: str) -> None:
-        item = self.parked.pop(entry_id.encode(), None)
-        if item is not None and not self.closing:
-            self.resumed.add(item[0])
-            self._recount(item[0], item[2])  # this delivery counts again
+        """A stopped message is resumed: it runs again, unless the consumer
+        is stopping (then it stays held, to be handed back)."""
+        item = self.inflight.resume(entry_id.encode(), requeue=not self.closing)
+        if item is not None:
             self._route(item, front=True)
-
-    def _recount(self, raw_id: bytes, count: int) -> None:
-        self.recount[raw_id] = max(0, count)
-        self.recount_wanted.set()
 
     # -- workers ------------------------------------------------------------
     async def worker(self) -> None:
-        slot = _Slot()
-        self._slots.append(slot)
+        slot = Slot()
+        self.slots.append(slot)
         try:
             while True:
                 with slot.scope:
@@ -397,15 +248,16 @@ class Dispatcher:
                 slot.scope = anyio.CancelScope()
                 slot.stopped = False
         finally:
-            self._slots.remove(slot)
+            self.slots.remove(slot)
 
     def _park(self, current: Item | Batch) -> None:
         """After cancelling a handler for a stop: keep the stopped message(s)
         aside; the other messages of a cancelled batch go round again."""
+        inflight = self.inflight
         items = [current] if isinstance(current, tuple) else current.items
         for item in items:
-            if item[0] not in self.held or item[0] in self.parked:
-                self.lost.discard(item[0])  # lost while it ran: nothing else would clear it
+            if item[0] not in inflight.held or item[0] in inflight.parked:
+                inflight.lost.discard(item[0])  # lost while it ran: nothing else would clear it
                 continue  # settled (acked, dead-lettered, lost) before the stop
             if self.is_stopped(item[0].decode()):
                 logger.info(
@@ -413,11 +265,11 @@ class Dispatcher:
                     item[0].decode(),
                     extra={"message_id": item[0].decode()},
                 )
-                self._set_aside(item)
+                inflight.set_aside(item)
             else:
                 self._route(item, front=True)
 
-    async def _work_loop(self, slot: _Slot) -> None:
+    async def _work_loop(self, slot: Slot) -> None:
         queue = self.queue
         while True:
             if not queue:
@@ -437,7 +289,7 @@ class Dispatcher:
                 await self._batch(item, slot)
             slot.current = None
 
-    async def _one(self, item: Item, slot: _Slot) -> None:
+    async def _one(self, item: Item, slot: Slot) -> None:
         msg, route, grave = self._screen(item, None)
         if msg is None or route is None:
             if grave is not None:
@@ -468,12 +320,14 @@ class Dispatcher:
         pays for no extra await.
         """
         raw_id, fields, count = item
-        if self.lost and raw_id in self.lost:
-            self.lost.discard(raw_id)
+        inflight = self.inflight
+        lost = inflight.lost
+        if lost and raw_id in lost:
+            lost.discard(raw_id)
             return None, None, None
         entry_id = raw_id.decode()
         if self.is_stopped(entry_id):
-            self._set_aside(item)
+            inflight.set_aside(item)
             return None, None, None
         if not fields:
             logger.warning(
@@ -491,7 +345,7 @@ class Dispatcher:
             route = route or self.router.get(message_type)
             if route is None:
                 raise NoHandlerError(entry_id, message_type)
-            if count > self.max_deliveries and raw_id not in self.resumed:
+            if count > self.max_deliveries and raw_id not in inflight.resumed:
                 reason = f"delivered {count} times, more than max_deliveries={self.max_deliveries}"
                 logger.error(
                     "message %s %s; moving it to the dead letters",
@@ -507,9 +361,8 @@ class Dispatcher:
         return msg, route, None
 
     def _settle(self, raw_id: bytes) -> None:
-        self._ack(raw_id)
-        self.unacked += 1
-        self._release(raw_id)
+        self._ack(raw_id)  # the acker counts it in ``inflight.unacked``
+        self.inflight.release(raw_id)
 
     async def _failed(self, item: Item, exc: BaseException, route: Route) -> None:
         """The one place that decides between a later retry and a dead letter."""
@@ -533,7 +386,7 @@ class Dispatcher:
         if final:
             await self._bury(item, f"{type(exc).__name__}: {detail}", type(exc).__name__)
         else:
-            self._release(raw_id)
+            self.inflight.release(raw_id)
 
     async def _bury(self, item: Item, reason: str, error_type: str) -> None:
         raw_id, fields, count = item
@@ -542,9 +395,9 @@ class Dispatcher:
         )
         if moved:
             self.counters.dead_lettered += 1
-        self._release(raw_id)
+        self.inflight.release(raw_id)
 
-    async def _batch(self, batch: Batch, slot: _Slot) -> None:
+    async def _batch(self, batch: Batch, slot: Slot) -> None:
         route = batch.route
         ready: list[Item] = []
         messages: list[Message[Any]] = []

@@ -14,11 +14,11 @@ import logging
 
 import anyio
 
-from ._dispatch import Dispatcher
+from ._inflight import InFlight
 from ._member import GroupMember
-from ._scripts import REFRESH_LEASE, SET_DELIVERY_COUNTS
+from ._scripts import REFRESH_LEASE
 
-__all__ = ["LeaseKeeper", "Recounter"]
+__all__ = ["LeaseKeeper"]
 
 logger = logging.getLogger("redcurrent.consumer")
 
@@ -27,10 +27,10 @@ CHUNK = 1000
 
 
 class LeaseKeeper:
-    def __init__(self, member: GroupMember, dispatcher: Dispatcher, *, interval: float) -> None:
+    def __init__(self, member: GroupMember, inflight: InFlight, *, interval: float) -> None:
         self._script = member.redis.register_script(REFRESH_LEASE)
         self._member = member
-        self._dispatcher = dispatcher
+        self._inflight = inflight
         self.interval = interval
 
     async def run(self) -> None:
@@ -40,7 +40,7 @@ class LeaseKeeper:
 
     async def refresh(self) -> None:
         """Renew the lease of everything held."""
-        await self._set_idle(list(self._dispatcher.held), 0)
+        await self._set_idle(list(self._inflight.held), 0)
 
     async def hand_back(self, idle: float) -> None:
         """On stop: make everything this consumer has pending claimable by
@@ -74,7 +74,7 @@ class LeaseKeeper:
                 self._lose(lost)
 
     def _lose(self, lost: list[bytes]) -> None:
-        still = self._dispatcher.lose(lost)
+        still = self._inflight.lose(lost)
         if still:
             logger.warning(
                 "%r lost %d entries to another consumer (was the event loop "
@@ -82,32 +82,4 @@ class LeaseKeeper:
                 self._member,
                 len(still),
                 ", ".join(i.decode() for i in still[:20]),
-            )
-
-
-class Recounter:
-    """Writes delivery counters back to the PEL for stopped and resumed
-    messages, soon after the dispatcher asks (see ``Dispatcher._set_aside``)."""
-
-    def __init__(self, member: GroupMember, dispatcher: Dispatcher) -> None:
-        self._script = member.redis.register_script(SET_DELIVERY_COUNTS)
-        self._member = member
-        self._dispatcher = dispatcher
-
-    async def run(self) -> None:
-        while True:
-            await self._dispatcher.recount_wanted.wait()
-            self._dispatcher.recount_wanted = anyio.Event()
-            await self.flush()
-
-    async def flush(self) -> None:
-        dispatcher, member = self._dispatcher, self._member
-        while dispatcher.recount:
-            pairs, dispatcher.recount = dispatcher.recount, {}
-            args: list[bytes | str | int] = [member.group, member.name]
-            for raw_id, count in pairs.items():
-                args += (raw_id, count)
-            await member.call(
-                "delivery count",
-                functools.partial(self._script, keys=[member.stream], args=args),
             )

@@ -8,6 +8,7 @@ annotations are evaluated here, once, where every name is defined.
 """
 
 import enum
+import warnings
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -82,8 +83,22 @@ class ConsumerStats(msgspec.Struct, frozen=True, kw_only=True):
     """Entries taken over from idle consumers with XAUTOCLAIM."""
     dead_lettered: int = 0
     """Entries moved to the dead-letter stream."""
-    in_flight: int = 0
-    """Messages held now: handlers running plus messages waiting in memory."""
+    running: int = 0
+    """Handler calls running now (a batch is one call); at most ``concurrency``."""
+    held: int = 0
+    """Entries this consumer holds now: running, waiting in memory for a worker
+    or a batch, and stopped ones kept aside; bounded by ``prefetch``."""
+
+    @property
+    def in_flight(self) -> int:
+        """Deprecated alias of :attr:`held` (it counted waiting entries too)."""
+        warnings.warn(
+            "ConsumerStats.in_flight is deprecated: use held (entries in memory) "
+            "or running (handler calls now)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.held
 
 
 class GroupInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._ack import Acker
-from ._dispatch import Dispatcher
+from ._inflight import InFlight, Submit
 from ._member import GroupMember
 from ._redis import entries_of, execute_pipeline, raw_reply_client
 
@@ -24,7 +24,8 @@ class Reader:
     def __init__(
         self,
         member: GroupMember,
-        dispatcher: Dispatcher,
+        inflight: InFlight,
+        submit: Submit,
         *,
         block: float,
         count: int,
@@ -32,7 +33,8 @@ class Reader:
     ) -> None:
         # Replies come back as the parser's lists: entries_of builds the dicts once.
         self._redis = raw_reply_client(member.redis, "XREADGROUP")
-        self._dispatcher = dispatcher
+        self._inflight = inflight
+        self._submit = submit
         self._member = member
         self._acker = acker
         self._call = member.call
@@ -42,29 +44,27 @@ class Reader:
         self._ack_head = ("XACK", member.stream, member.group)
 
     async def run(self) -> None:
-        dispatcher, member, acker = self._dispatcher, self._member, self._acker
+        inflight, submit, member, acker = self._inflight, self._submit, self._member, self._acker
         while True:
-            n = await dispatcher.reserve(self._count, reader=True)
+            n = await inflight.reserve(self._count, reader=True)
             # Only when this read needs their room: a lone XREADGROUP is
-            # cheaper, which matters at low rates (latency).
-            ids = acker.take() if acker is not None and dispatcher.free() < 0 else []
-            if ids:
-                dispatcher.acked(len(ids))  # sent ahead of the read below
+            # cheaper, which matters at low rates (latency). Taking them gives
+            # their room back: they are sent ahead of the read below.
+            ids = acker.take() if acker is not None and inflight.free() < 0 else []
             try:
                 reply = await self._call("XREADGROUP", lambda n=n, ids=ids: self._read(n, ids))  # type: ignore[misc]
             except BaseException:
                 if ids:
                     assert acker is not None
                     acker.put_back(ids)
-                    dispatcher.unacked += len(ids)
                 raise
             try:
                 entries = entries_of(reply)
                 if entries:
                     member.last_read = entries[-1][0]
-                    dispatcher.submit(entries)
+                    submit(entries, None)
             finally:
-                dispatcher.unreserve(n)
+                inflight.unreserve(n)
 
     async def _read(self, n: int, ids: list[bytes]) -> Any:
         if not ids:

@@ -27,11 +27,13 @@ from ._control import ControlListener
 from ._dead import DeadLetterWriter
 from ._dispatch import Counters, Dispatcher
 from ._housekeeping import prune_idle_consumers
+from ._inflight import InFlight
 from ._keys import TopicKeys
-from ._lease import LeaseKeeper, Recounter
+from ._lease import LeaseKeeper
 from ._member import GroupMember
-from ._message import StopReason
+from ._message import ConsumerStats, StopReason
 from ._read import Reader
+from ._recount import Recounter
 from ._redis import AnyRedis, block_within_socket_timeout
 from ._routes import RouteTable
 from ._topic import Topic
@@ -75,6 +77,7 @@ class Runtime:
         self.stop_reason: StopReason | None = None
         self.error: BaseException | None = None
         self.done = anyio.Event()
+        self.inflight: InFlight | None = None
         self.dispatcher: Dispatcher | None = None
         self._owns_client = owns_client
         self._label = label
@@ -82,13 +85,15 @@ class Runtime:
         self._services: anyio.abc.TaskGroup | None = None
         self._feed_scope: anyio.CancelScope | None = None
         self._work_scope: anyio.CancelScope | None = None
-        self._batcher: Batcher | None = None
         self._control: ControlListener | None = None
-        self._acker: Acker | None = None
         self._watchdog_started = False
 
     def __str__(self) -> str:
         return self._label
+
+    def stats(self) -> ConsumerStats:
+        inflight = self.inflight
+        return self.counters.snapshot(len(inflight.held) if inflight is not None else 0)
 
     # -- stopping -------------------------------------------------------------
     def request_stop(
@@ -106,9 +111,7 @@ class Runtime:
         if self._feed_scope is not None:
             self._feed_scope.cancel()
         if self.dispatcher is not None:
-            self.dispatcher.close()
-        if self._batcher is not None:
-            self._batcher.flush_all()
+            self.dispatcher.close()  # partial batches go to the workers too
         if hard:
             if self._work_scope is not None:
                 self._work_scope.cancel()
@@ -131,7 +134,8 @@ class Runtime:
     async def main(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         settings, redis, member = self.settings, self.redis, self.member
         dead = DeadLetterWriter(redis, self.keys, settings.group, settings.name, call=member.call)
-        self._acker = acker = Acker(member)
+        self.inflight = inflight = InFlight(self._effective_prefetch())
+        acker = Acker(member, inflight)
         self._control = control = ControlListener(
             redis,
             self.keys,
@@ -139,24 +143,18 @@ class Runtime:
             on_resume=self._on_resume_message,
             on_terminate=self._on_terminate,
         )
+        batcher = Batcher(settings.batch) if self.router.batch_types else None
         dispatcher = Dispatcher(
             stream=settings.stream,
             router=self.router,
+            inflight=inflight,
             ack=acker.add,
             dead=dead,
             counters=self.counters,
             max_deliveries=settings.max_deliveries,
-            batcher=None,
+            batcher=batcher,
             is_stopped=control.is_stopped,
-            prefetch=self._effective_prefetch(),
         )
-        acker.on_acked = dispatcher.acked
-        dispatcher.flush_acks = acker.urge
-        dispatcher.ack_backlog = lambda: acker.waiting
-        acker.reader_will_send = lambda: dispatcher.reader_waiting
-        if self.router.batch_types:
-            self._batcher = Batcher(settings.batch, dispatcher.enqueue_batch)
-            dispatcher.batcher = self._batcher
         self.dispatcher = dispatcher
         started = False
         try:
@@ -169,15 +167,15 @@ class Runtime:
                 task_status.started()
                 self._services = services
                 services.start_soon(self._guard, acker.run)
-                lease = LeaseKeeper(member, dispatcher, interval=settings.claim_idle / 3)
+                lease = LeaseKeeper(member, inflight, interval=settings.claim_idle / 3)
                 services.start_soon(self._guard, lease.run)
-                recounter = Recounter(member, dispatcher)
+                recounter = Recounter(member, inflight)
                 services.start_soon(self._guard, recounter.run)
                 services.start_soon(
                     self._guard, prune_idle_consumers, member, settings.consumer_idle_timeout
                 )
-                if self._batcher is not None:
-                    services.start_soon(self._guard, self._batcher.run)
+                if batcher is not None:
+                    services.start_soon(self._guard, batcher.run, dispatcher.enqueue_batch)
                 if settings.cleanup is not None and settings.cleanup.auto:
                     topic = Topic(redis, settings.stream)
                     cleaner = AutoCleaner(topic, settings.cleanup, settings.name)
@@ -189,7 +187,7 @@ class Runtime:
                         async with anyio.create_task_group() as work:
                             for _ in range(settings.concurrency):
                                 work.start_soon(self._guard, dispatcher.worker)
-                            work.start_soon(self._feed, dispatcher)
+                            work.start_soon(self._feed, dispatcher, acker)
                 finally:
                     # Also when the host cancels us: what was handled gets acked.
                     await self._final_flush(acker, lease, recounter)
@@ -296,25 +294,31 @@ class Runtime:
             floor = max(floor, BATCH_PREFETCH)
         return max(prefetch, floor)
 
-    async def _feed(self, dispatcher: Dispatcher) -> None:
+    async def _feed(self, dispatcher: Dispatcher, acker: Acker) -> None:
         """Own pending first, then claims and new entries side by side."""
         member, claim_idle = self.member, self.settings.claim_idle
+        inflight, submit = dispatcher.inflight, dispatcher.submit
         with anyio.CancelScope() as self._feed_scope:
             if self.stop_reason is not None:
                 return
             claimer = Claimer(
-                member, dispatcher, claim_idle=claim_idle, interval=max(0.05, claim_idle / 2)
+                member,
+                inflight,
+                submit,
+                self.counters,
+                claim_idle=claim_idle,
+                interval=max(0.05, claim_idle / 2),
+                flush_acks=acker.flush,
             )
-            if self._acker is not None:
-                claimer.flush_acks = self._acker.flush
             reader = Reader(
                 member,
-                dispatcher,
+                inflight,
+                submit,
                 block=self._block,
-                count=min(500, dispatcher.prefetch),
-                acker=self._acker,
+                count=min(500, inflight.prefetch),
+                acker=acker,
             )
-            await self._guard(recover_own_pending, member, dispatcher)
+            await self._guard(recover_own_pending, member, inflight, submit)
             async with anyio.create_task_group() as feeders:
                 feeders.start_soon(self._guard, claimer.run)
                 feeders.start_soon(self._guard, reader.run)
