@@ -44,14 +44,15 @@ class Counters:
         self.claimed = 0
         self.dead_lettered = 0
 
-    def snapshot(self, in_flight: int) -> ConsumerStats:
+    def snapshot(self, running: int, held: int) -> ConsumerStats:
         return ConsumerStats(
             received=self.received,
             handled=self.handled,
             failed=self.failed,
             claimed=self.claimed,
             dead_lettered=self.dead_lettered,
-            in_flight=in_flight,
+            running=running,
+            held=held,
         )
 
 
@@ -205,6 +206,11 @@ class Dispatcher:
         self.closing = True
         self._work.set()
         self.flush_batches()
+
+    def running(self) -> int:
+        """Handler calls running now (for stats: read on demand, never counted
+        on the hot path)."""
+        return sum(1 for slot in self.slots if slot.in_handler)
 
     # -- control ------------------------------------------------------------
     def stop_running(self, entry_id: str) -> bool:

@@ -92,8 +92,11 @@ class Runtime:
         return self._label
 
     def stats(self) -> ConsumerStats:
-        inflight = self.inflight
-        return self.counters.snapshot(len(inflight.held) if inflight is not None else 0)
+        inflight, dispatcher = self.inflight, self.dispatcher
+        return self.counters.snapshot(
+            running=dispatcher.running() if dispatcher is not None else 0,
+            held=len(inflight.held) if inflight is not None else 0,
+        )
 
     # -- stopping -------------------------------------------------------------
     def request_stop(
