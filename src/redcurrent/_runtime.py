@@ -2,8 +2,11 @@
 
 Data path, top to bottom: ``_claim`` (own pending, then XAUTOCLAIM) and
 ``_read`` (XREADGROUP ``>``) feed the ``_dispatch`` worker pool, which runs
-handlers and hands ids to ``_ack`` or to the dead letters; ``_lease`` keeps
-held entries from being claimed by others meanwhile. All loops run in one
+handlers and hands ids to ``_ack`` or to the dead letters. What is held and
+how much room is left lives in one ``_inflight.InFlight``, built first and
+shared by all of them; ``_lease`` keeps held entries from being claimed by
+others meanwhile and ``_recount`` writes back the delivery counters of
+stopped and resumed messages. All loops run in one
 anyio task group; every Redis call goes through :meth:`GroupMember.call`,
 which retries transient faults and turns a vanished stream into a stop.
 """
