@@ -11,14 +11,24 @@ redis-py strips the code.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import re
+from collections.abc import Iterator
 
 from redis import exceptions as rex
 
 from .errors import AccessDeniedError
 
-__all__ = ["Fault", "access_denied", "classify", "error_code", "is_busygroup", "is_wrongtype"]
+__all__ = [
+    "Fault",
+    "access_denied",
+    "classify",
+    "denials_explained",
+    "error_code",
+    "is_busygroup",
+    "is_wrongtype",
+]
 
 
 class Fault(enum.Enum):
@@ -137,3 +147,19 @@ def access_denied(exc: BaseException, what: str) -> AccessDeniedError:
     else:
         hint = "check the username and password of the Redis client"
     return AccessDeniedError(f"Redis denied {what}: {type(exc).__name__}: {exc}; {hint}")
+
+
+@contextlib.contextmanager
+def denials_explained(what: str) -> Iterator[None]:
+    """Raise a :attr:`Fault.DENIED` error of the block as :class:`AccessDeniedError`.
+
+    For calls made once on the caller's behalf (``Topic`` methods): a refused
+    key, command or channel is the caller's configuration to fix, and should
+    read as the library's error with what to check, not as a bare redis-py one.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if classify(exc) is Fault.DENIED:
+            raise access_denied(exc, what) from exc
+        raise

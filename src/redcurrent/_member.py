@@ -19,6 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from ._backoff import Backoff, Outage
 from ._errors import Fault, access_denied, classify, is_busygroup, is_wrongtype
 from ._redis import AnyRedis, as_str, execute_pipeline
+from ._scripts import CHECK_SCRIPT_ACCESS
 from .errors import ConfigurationError, TopicGoneError
 from .keys import TopicKeys
 
@@ -111,8 +112,11 @@ class GroupMember:
     async def check_access(self) -> None:
         """At start, send once each command the loops send outside scripts, in
         a form that changes nothing, so that an ACL user lacking one fails the
-        start (:class:`AccessDeniedError`) instead of a loop later on."""
+        start (:class:`AccessDeniedError`) instead of a loop later on. The
+        commands sent inside scripts cannot be tried harmlessly: the server's
+        ACL is asked about them instead (Redis >= 7.0)."""
         stream, group, name = self.stream, self.group, self.name
+        scripted = self.redis.register_script(CHECK_SCRIPT_ACCESS)
 
         async def probe() -> Any:
             pipe = self.redis.pipeline(transaction=False)
@@ -126,6 +130,10 @@ class GroupMember:
             return await execute_pipeline(pipe)
 
         await self.call("permission check", probe)
+        await self.call(
+            "permission check",
+            lambda: scripted(keys=[stream, self.keys.dead_letters], args=[group, name]),
+        )
 
     async def create_group(self, start: str) -> bool:
         """Create the group at ``start`` (and the stream if missing); False if

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from . import _dead, _info, cleanup, control
+from ._errors import denials_explained
 from ._redis import AnyRedis, as_str
 from ._scripts import PUBLISH_MANY
 from .cleanup import CleanupPolicy
@@ -35,6 +37,8 @@ class Topic:
     (standalone or cluster): replies that carry entry fields (:meth:`info`,
     :meth:`dead_letters`) are read as bytes on the client's own connections,
     so entries that are not UTF-8, the usual dead letters, never break them.
+    A key, command or channel the client's ACL user may not use raises
+    :class:`~redcurrent.AccessDeniedError` (Redis's refusal is its ``__cause__``).
     """
 
     def __init__(self, redis: AnyRedis, name: str) -> None:
@@ -76,7 +80,9 @@ class Topic:
         every group acknowledged.
         """
         check_message_type(type)
-        entry_id = await self._redis.execute_command(*self._xadd_args(type, data, metadata, maxlen))
+        args = self._xadd_args(type, data, metadata, maxlen)
+        with self._denials("XADD"):
+            entry_id = await self._redis.execute_command(*args)
         return as_str(entry_id)
 
     async def publish_many(
@@ -126,7 +132,8 @@ class Topic:
         script = self._publish_script
         if script is None:
             script = self._publish_script = self._redis.register_script(PUBLISH_MANY)
-        reply: list[bytes | str] = await script(keys=[self.name], args=args)
+        with self._denials("publish_many"):
+            reply: list[bytes | str] = await script(keys=[self.name], args=args)
         return [
             entry_id.decode() if entry_id.__class__ is bytes else str(entry_id)
             for entry_id in reply
@@ -135,19 +142,23 @@ class Topic:
     # -- administration -------------------------------------------------
     async def info(self) -> TopicInfo:
         """Length, ends, groups with pending and lag, stopped ids, dead letters."""
-        return await _info.topic_info(self)
+        with self._denials("info"):
+            return await _info.topic_info(self)
 
     async def stop_message(self, message_id: str) -> None:
         """Stop one message for every consumer of every group, until resumed."""
-        await control.stop_message(self, message_id)
+        with self._denials("stop_message"):
+            await control.stop_message(self, message_id)
 
     async def resume_message(self, message_id: str) -> None:
         """Let a stopped message be handled again, promptly."""
-        await control.resume_message(self, message_id)
+        with self._denials("resume_message"):
+            await control.resume_message(self, message_id)
 
     async def terminate(self) -> None:
         """Delete the stream, its groups and every key of the topic; stop consumers."""
-        await control.terminate(self)
+        with self._denials("terminate"):
+            await control.terminate(self)
 
     async def cleanup(self, policy: CleanupPolicy | None = None) -> int:
         """Remove entries every group has acknowledged; returns how many went.
@@ -156,11 +167,13 @@ class Topic:
         with ``policy.dead_letter_retention``, old dead letters (neither is
         counted in the result). See :func:`redcurrent.cleanup.cleanup`.
         """
-        return await cleanup.cleanup(self, policy)
+        with self._denials("cleanup"):
+            return await cleanup.cleanup(self, policy)
 
     async def dead_letters(self, count: int = 100, *, start: str = "-") -> list[DeadLetter]:
         """The oldest ``count`` dead letters from ``start`` on."""
-        return await _dead.read_dead_letters(self, count, start=start)
+        with self._denials("dead_letters"):
+            return await _dead.read_dead_letters(self, count, start=start)
 
     async def replay_dead_letters(
         self, ids: Iterable[str] | None = None, *, count: int = 100
@@ -168,7 +181,12 @@ class Topic:
         """Put dead letters back on the stream (new ids) and remove them from
         the dead-letter stream; returns the new ids. ``ids`` selects dead-letter
         ids, otherwise the oldest ``count`` are replayed."""
-        return await _dead.replay_dead_letters(self, ids, count=count)
+        with self._denials("replay_dead_letters"):
+            return await _dead.replay_dead_letters(self, ids, count=count)
+
+    def _denials(self, what: str) -> AbstractContextManager[None]:
+        """A refused key, command or channel as :class:`AccessDeniedError`."""
+        return denials_explained(f"{what} on stream {self.name!r}")
 
 
 def _check_maxlen(maxlen: int) -> int:
