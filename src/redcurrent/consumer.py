@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
+import redis.asyncio as aredis
 
 from ._batch import BatchConfig
 from ._redis import AnyRedis, bytes_client
@@ -270,9 +271,18 @@ class StreamConsumer:
     def _start_timed_out(self) -> StartTimeoutError:
         last = self._run.member.outage.last_error
         cause = f"{type(last).__name__}: {last}" if last is not None else "no answer"
+        # A TLS server drops a client whose certificate it refuses as it would
+        # drop any connection: only the hint can point there.
+        tls = (
+            " Over TLS, also the certificates: ssl_ca_certs must hold the CA that signed"
+            " the server's, and a server that verifies clients (tls-auth-clients) needs"
+            " an ssl_certfile and ssl_keyfile signed by its CA."
+            if _uses_tls(self._run.redis)
+            else ""
+        )
         return StartTimeoutError(
             f"{self!r} could not start within start_timeout={self.start_timeout:g}s: "
-            f"Redis unreachable ({cause}); is the server up and the address right?"
+            f"Redis unreachable ({cause}); is the server up and the address right?{tls}"
         )
 
     async def __aexit__(
@@ -333,3 +343,11 @@ def _block_within_socket_timeout(redis: AnyRedis, block: float) -> float:
     if isinstance(timeout, int | float) and timeout > 0:
         return min(block, max(0.05, float(timeout) * 0.8))
     return block
+
+
+def _uses_tls(client: AnyRedis) -> bool:
+    pool = getattr(client, "connection_pool", None)
+    kind = getattr(pool, "connection_class", None)
+    if kind is None:  # a cluster keeps its nodes' connection class in its kwargs
+        kind = getattr(client, "connection_kwargs", {}).get("connection_class")
+    return isinstance(kind, type) and issubclass(kind, aredis.SSLConnection)
