@@ -26,7 +26,7 @@ from ._batch import Batch, Batcher
 from ._dead import DeadLetterWriter
 from ._routes import Route, Router
 from .codec import FIELD_TYPE, decode_message, decode_type, is_init_entry
-from .errors import BatchError, DecodeError, NoHandlerError
+from .errors import BatchError, DecodeError, NoHandlerError, PayloadTooLargeError
 from .message import ConsumerStats, Message
 
 __all__ = ["Counters", "Dispatcher", "Item"]
@@ -121,6 +121,7 @@ class Dispatcher:
         batcher: Batcher | None,
         is_stopped: Callable[[str], bool],
         prefetch: int,
+        max_payload_bytes: int | None = None,
     ) -> None:
         self.stream = stream
         self.router = router
@@ -131,6 +132,9 @@ class Dispatcher:
         self.batcher = batcher
         self.is_stopped = is_stopped
         self.prefetch = prefetch
+        #: entries heavier than this (field names and values, in bytes) are
+        #: dead-lettered without being decoded; None: no limit.
+        self.max_payload_bytes = max_payload_bytes
         self.queue: deque[Item | Batch] = deque()
         #: every entry this consumer holds and has not settled: leased.
         self.held: set[bytes] = set()
@@ -486,6 +490,19 @@ class Dispatcher:
         if is_init_entry(fields):
             self._settle(raw_id)  # goStream's group-creation placeholder
             return None, None, None
+        limit = self.max_payload_bytes
+        if limit is not None:
+            size = 0
+            for key, value in fields.items():  # inlined entry_size: the hot path
+                size += len(key) + len(value)
+            if size > limit:
+                exc = PayloadTooLargeError(size, limit, entry_id)
+                logger.error(
+                    "%s; moving it to the dead letters undecoded",
+                    exc,
+                    extra={"message_id": entry_id},
+                )
+                return None, None, (str(exc), type(exc).__name__)
         try:
             message_type = decode_type(entry_id, fields)
             route = route or self.router.get(message_type)

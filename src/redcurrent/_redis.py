@@ -19,6 +19,7 @@ __all__ = [
     "AnyRedis",
     "Entry",
     "as_str",
+    "check_client",
     "execute_pipeline",
     "bytes_client",
     "entries_of",
@@ -27,6 +28,21 @@ __all__ = [
 
 AnyRedis: TypeAlias = aredis.Redis | RedisCluster
 Entry: TypeAlias = tuple[bytes, dict[bytes, bytes]]
+
+
+def check_client(client: object, who: str) -> AnyRedis:
+    """``client`` if it is an asyncio client, else a :class:`ConfigurationError`
+    now, rather than an AttributeError or "can't be used in 'await'" at the
+    first command (a synchronous ``redis.Redis`` is the usual mistake)."""
+    if isinstance(client, aredis.Redis | RedisCluster):
+        return client
+    hint = ""
+    if type(client).__module__.startswith("redis."):
+        hint = "; the synchronous client cannot be awaited: use redis.asyncio"
+    raise ConfigurationError(
+        f"{who} needs a redis.asyncio.Redis or redis.asyncio.RedisCluster client, "
+        f"got {type(client).__qualname__}{hint}"
+    )
 
 
 def _decodes(client: AnyRedis) -> bool:

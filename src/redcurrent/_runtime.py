@@ -26,6 +26,7 @@ from ._dead import DeadLetterWriter
 from ._dispatch import Counters, Dispatcher
 from ._housekeeping import prune_idle_consumers
 from ._lease import LeaseKeeper, Recounter
+from ._limits import DEFAULT_MAX_PAYLOAD_BYTES
 from ._member import GroupMember
 from ._read import Reader
 from ._redis import AnyRedis
@@ -71,6 +72,7 @@ class Settings:
     consumer_idle_timeout: float
     start_timeout: float = 30.0
     recreate_group: bool = False
+    max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES
 
 
 class Runtime:
@@ -172,6 +174,7 @@ class Runtime:
             batcher=None,
             is_stopped=control.is_stopped,
             prefetch=self._effective_prefetch(),
+            max_payload_bytes=settings.max_payload_bytes,
         )
         acker.on_acked = dispatcher.acked
         dispatcher.flush_acks = acker.urge

@@ -90,7 +90,7 @@ from .errors import ConfigurationError
 if TYPE_CHECKING:
     from .topic import Topic
 
-__all__ = ["AutoCleaner", "CleanupPolicy", "cleanup"]
+__all__ = ["AutoCleaner", "CleanupPolicy", "check_policy", "cleanup"]
 
 logger = logging.getLogger("redcurrent.cleanup")
 
@@ -161,6 +161,16 @@ class CleanupPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 "cleanup dead_letter_retention must be None or finite seconds >= 0, "
                 f"got {retention!r}"
             )
+
+
+def check_policy(policy: object) -> CleanupPolicy | None:
+    """``policy`` if it is a :class:`CleanupPolicy` or None, else a
+    :class:`ConfigurationError` (not an AttributeError in the middle of a run)."""
+    if policy is None or isinstance(policy, CleanupPolicy):
+        return policy
+    raise ConfigurationError(
+        f"cleanup takes a CleanupPolicy or None, got {type(policy).__name__} {policy!r}"
+    )
 
 
 def _is_int(value: object) -> bool:
@@ -546,7 +556,7 @@ async def cleanup(topic: Topic, policy: CleanupPolicy | None = None) -> int:
     Removal is final: a group created later, even at id ``0``, cannot get
     the removed entries back.
     """
-    cleaner = _Cleaner(topic, policy or CleanupPolicy())
+    cleaner = _Cleaner(topic, check_policy(policy) or CleanupPolicy())
     removed = await cleaner.run()
     if cleaner.stopped_removed or cleaner.dead_letters_removed:
         logger.info(

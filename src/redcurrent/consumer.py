@@ -22,12 +22,13 @@ import anyio.abc
 import redis.asyncio as aredis
 
 from ._batch import BatchConfig
-from ._redis import AnyRedis, bytes_client
+from ._limits import DEFAULT_MAX_PAYLOAD_BYTES, check_limit
+from ._redis import AnyRedis, bytes_client, check_client
 from ._routes import BatchHandlerObject, HandlerObject, Router
 from ._runtime import Runtime, Settings
-from .cleanup import CleanupPolicy
+from .cleanup import CleanupPolicy, check_policy
 from .errors import ConfigurationError, ConsumerStateError, StartTimeoutError
-from .keys import TopicKeys
+from .keys import TopicKeys, check_name
 from .message import ConsumerStats, StartFrom, StopReason
 
 __all__ = ["StreamConsumer"]
@@ -80,6 +81,13 @@ class StreamConsumer:
       consumer, re-create it (where this consumer last read) and go on,
       instead of stopping with :attr:`StopReason.DELETED`. For servers that
       may restart without persistence; a terminated topic still stops.
+    - ``max_payload_bytes`` (8 MiB; ``None``: no limit): an entry heavier
+      than this (the bytes of its field names and values) is moved to the
+      dead letters undecoded, with a reason naming its size and the limit.
+
+    ``stream``, ``group`` and ``name`` are any non-empty str (braces, spaces,
+    newlines, Unicode); ``name=None`` picks a unique one. Bad options raise
+    :class:`ConfigurationError` here, before anything touches Redis.
     """
 
     def __init__(
@@ -101,9 +109,14 @@ class StreamConsumer:
         consumer_idle_timeout: float = 3600.0,
         start_timeout: float = 30.0,
         recreate_group: bool = False,
+        max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> None:
-        if not stream or not group:
-            raise ConfigurationError("stream and group must be non-empty")
+        check_client(redis, "StreamConsumer")
+        check_name(stream, "a stream name")
+        check_name(group, "a group name")
+        if name is not None:
+            check_name(name, "a consumer name")
+        check_policy(cleanup)
         if not isinstance(start, StartFrom) and not _ID.match(str(start)):
             raise ConfigurationError(
                 f"start must be StartFrom.LATEST, StartFrom.EARLIEST or an entry id, got {start!r}"
@@ -137,6 +150,7 @@ class StreamConsumer:
         self.consumer_idle_timeout = consumer_idle_timeout
         self.start_timeout = start_timeout
         self.recreate_group = recreate_group
+        self.max_payload_bytes = check_limit(max_payload_bytes)
         self._router = Router()
         settings = Settings(
             stream=stream,
@@ -155,6 +169,7 @@ class StreamConsumer:
             consumer_idle_timeout=consumer_idle_timeout,
             start_timeout=start_timeout,
             recreate_group=recreate_group,
+            max_payload_bytes=self.max_payload_bytes,
         )
         # A sibling client made for a decode_responses one is ours to close.
         self._run = Runtime(

@@ -17,7 +17,9 @@ import string
 
 from redis.crc import key_slot
 
-__all__ = ["TopicKeys", "hash_tag"]
+from .errors import ConfigurationError
+
+__all__ = ["TopicKeys", "check_name", "hash_tag"]
 
 _PREFIX = "redcurrent"
 
@@ -29,6 +31,27 @@ def _hashed_part(name: str) -> str:
         end = name.find("}", start + 1)
         if end > start + 1:
             return name[start + 1 : end]
+    return name
+
+
+def check_name(name: object, what: str) -> str:
+    """A stream, group or consumer name: any non-empty str that UTF-8 can encode.
+
+    Redis names are binary-safe, so braces, spaces, newlines and any Unicode
+    work (the hash tag below keeps every key in the stream's slot); an empty
+    name, a non-str (bytes included) or a lone surrogate is refused here
+    instead of failing inside redis-py or, worse, naming a different key.
+    """
+    if not isinstance(name, str):
+        raise ConfigurationError(f"{what} must be a str, got {type(name).__name__} {name!r}")
+    if not name:
+        raise ConfigurationError(f"{what} must be a non-empty str")
+    try:
+        name.encode()
+    except UnicodeEncodeError as exc:
+        raise ConfigurationError(
+            f"{what} {name!r} cannot be encoded as UTF-8: {exc.reason}"
+        ) from None
     return name
 
 
@@ -64,7 +87,7 @@ class TopicKeys:
     __slots__ = ("cleanup_lock", "control_channel", "dead_letters", "stopped", "stream", "tag")
 
     def __init__(self, stream: str) -> None:
-        self.stream = stream
+        self.stream = check_name(stream, "a stream name")
         self.tag = hash_tag(stream)
         base = f"{_PREFIX}:{self.tag}:{stream}"
         self.dead_letters = f"{base}:dead"
