@@ -524,6 +524,12 @@ class Dispatcher:
         return msg, route, None
 
     def _settle(self, raw_id: bytes) -> None:
+        if raw_id not in self.held:
+            # Lost to another consumer while its handler ran (see ``lose``):
+            # the entry is that consumer's now, and an ack would take it from
+            # under it while its own handling is under way.
+            self.lost.discard(raw_id)
+            return
         self._ack(raw_id)
         self.unacked += 1
         self._release(raw_id)
