@@ -49,7 +49,8 @@ _GONE_CODES = frozenset({"NOGROUP"})
 # Redis 7 answers a blocked XREADGROUP whose stream was deleted with
 # ``UNBLOCKED the stream key no longer exists``; the code alone is shared with
 # CLIENT UNBLOCK, so this one reply is recognised whole.
-_GONE_UNBLOCKED = ("the stream key no longer exists", "consumer group was destroyed")
+_KEY_DELETED = "the stream key no longer exists"
+_GONE_UNBLOCKED = (_KEY_DELETED, "consumer group was destroyed")
 # A plain ``ERR`` has no code of its own: XINFO on a missing stream says this.
 _GONE_ERR = "no such key"
 _TRANSIENT_CODES = frozenset(
@@ -129,6 +130,14 @@ def classify(exc: BaseException) -> Fault:
             return Fault.TRANSIENT
         return Fault.FATAL
     return Fault.FATAL
+
+
+def woken_by_deletion(exc: BaseException) -> bool:
+    """A blocked read woken because its stream key left the node: deleted, or
+    moved to another node of a cluster by MIGRATE (resharding), which deletes
+    it on the source with the same reply. Only asking again tells them apart:
+    a deleted stream then answers ``NOGROUP``, a moved one is redirected."""
+    return error_code(exc) == "UNBLOCKED" and _KEY_DELETED in str(exc)
 
 
 def is_busygroup(exc: BaseException) -> bool:

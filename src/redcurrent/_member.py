@@ -17,7 +17,14 @@ from typing import Any, TypeVar
 from redis.asyncio.cluster import RedisCluster
 
 from ._backoff import Backoff, Outage
-from ._errors import Fault, access_denied, classify, is_busygroup, is_wrongtype
+from ._errors import (
+    Fault,
+    access_denied,
+    classify,
+    is_busygroup,
+    is_wrongtype,
+    woken_by_deletion,
+)
 from ._redis import AnyRedis, as_str, execute_pipeline
 from ._scripts import CHECK_SCRIPT_ACCESS
 from .errors import ConfigurationError, TopicGoneError
@@ -67,6 +74,8 @@ class GroupMember:
                     await backoff.sleep()
                     continue
                 if fault is Fault.GONE:
+                    if woken_by_deletion(exc):
+                        continue  # deleted (NOGROUP next) or resharded away
                     if self.on_gone is not None and await self.on_gone(exc):
                         continue
                     raise TopicGoneError(self.stream, f"{what}: {exc}") from exc
