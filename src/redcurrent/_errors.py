@@ -28,6 +28,7 @@ __all__ = [
     "error_code",
     "is_busygroup",
     "is_wrongtype",
+    "woken_by_deletion",
 ]
 
 
