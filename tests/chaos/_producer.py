@@ -10,7 +10,7 @@ show up as duplicates, never as losses.
 Options (JSON object): ``url``, ``stream``, ``root``, ``name``, ``first``,
 ``count``, and optionally ``cluster``, ``chunk`` (default 100), ``pause`` (s),
 ``pad`` (bytes of padding per payload), ``socket_timeout`` (s), ``urls``
-(follow the master among these, see ``_worker.py``).
+(follow the master among these, see ``_worker.py``), ``warm`` (idem).
 Prints ``done <retries>`` when every seq is acknowledged.
 """
 

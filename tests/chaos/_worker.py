@@ -12,7 +12,8 @@ batch size: use a batch handler), ``socket_timeout`` (s), ``start``,
 times the handler started and finished) and ``urls`` (a list of URLs of a
 master and its replicas: the client connects to whichever of them is master
 now and follows a promotion, as a Sentinel client would; ``url`` is then
-ignored).
+ignored), ``warm`` (on a cluster: open this many connections to every node at
+start and leave them idle in the pool, as a busy application's client has).
 Prints ``ready`` on stdout once the consumer runs.
 """
 
