@@ -201,7 +201,8 @@ async def test_frozen_consumer_loses_its_messages_to_the_others(
             for name, began, ended in calls:
                 if name != frozen.name or ended < thawed_at:
                     continue
-                if began < thawed_at:
+                # A frozen process starts nothing: began is before the freeze or after the thaw.
+                if began < frozen_at:
                     running_when_frozen += 1
                 elif began < knew_at:
                     started_before_known += 1
@@ -210,7 +211,7 @@ async def test_frozen_consumer_loses_its_messages_to_the_others(
         new_after_thaw = sum(
             1
             for seq, calls in by_seq.items()
-            if seq >= half and any(n == frozen.name and b > thawed_at for n, b, _ in calls)
+            if seq >= half and any(n == frozen.name and b > frozen_at for n, b, _ in calls)
         )
         result = record(
             await audit(
