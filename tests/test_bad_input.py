@@ -14,6 +14,7 @@ a readable reason, never crash or stall, and leave the pending list empty.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import gc
 import logging
@@ -798,6 +799,22 @@ async def test_topic_methods_answer_bad_arguments_with_a_named_error(
     assert words in str(info.value)
     # Raised before anything was sent: nothing was written.
     assert await redis_client.keys("*") == []
+
+
+class Kind(str, enum.Enum):
+    EMAIL = "email"
+
+
+async def test_str_subclasses_are_good_types_and_names(redis_client: redis.asyncio.Redis) -> None:
+    # Not bad input: what passes isinstance(x, str) is a str, for types and names alike.
+    topic = Topic(redis_client, Kind.EMAIL)
+    assert type(topic.name) is str
+    assert topic.name == topic.keys.stream == "email"  # its value, as redis-py sends it
+    assert {key_slot(k.encode()) for k in topic.keys.owned()} == {key_slot(b"email")}
+    assert StreamConsumer(redis_client, Kind.EMAIL, Kind.EMAIL, name=Kind.EMAIL).name == "email"
+    await topic.publish(Kind.EMAIL, {})
+    await topic.publish_many([(Kind.EMAIL, {})])
+    assert [f[b"type"] for _, f in await redis_client.xrange("email")] == [b"email", b"email"]
 
 
 @pytest.mark.parametrize(

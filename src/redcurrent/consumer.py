@@ -112,10 +112,10 @@ class StreamConsumer:
         max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> None:
         check_client(redis, "StreamConsumer")
-        check_name(stream, "a stream name")
-        check_name(group, "a group name")
+        stream = check_name(stream, "a stream name")
+        group = check_name(group, "a group name")
         if name is not None:
-            check_name(name, "a consumer name")
+            name = check_name(name, "a consumer name")
         check_policy(cleanup)
         if not isinstance(start, StartFrom) and not _ID.match(str(start)):
             raise ConfigurationError(

@@ -40,7 +40,10 @@ def check_name(name: object, what: str) -> str:
     Redis names are binary-safe, so braces, spaces, newlines and any Unicode
     work (the hash tag below keeps every key in the stream's slot); an empty
     name, a non-str (bytes included) or a lone surrogate is refused here
-    instead of failing inside redis-py or, worse, naming a different key.
+    instead of failing inside redis-py or, worse, naming a different key. A
+    str subclass (a ``str`` enum) comes back as the plain str of its value,
+    which is what redis-py sends: f-strings would spell some of them
+    ``Kind.NAME`` and derive keys from another name than the stream's.
     """
     if not isinstance(name, str):
         raise ConfigurationError(f"{what} must be a str, got {type(name).__name__} {name!r}")
@@ -52,7 +55,7 @@ def check_name(name: object, what: str) -> str:
         raise ConfigurationError(
             f"{what} {name!r} cannot be encoded as UTF-8: {exc.reason}"
         ) from None
-    return name
+    return name if name.__class__ is str else str.__str__(name)
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,7 +90,7 @@ class TopicKeys:
     __slots__ = ("cleanup_lock", "control_channel", "dead_letters", "stopped", "stream", "tag")
 
     def __init__(self, stream: str) -> None:
-        self.stream = check_name(stream, "a stream name")
+        self.stream = stream = check_name(stream, "a stream name")
         self.tag = hash_tag(stream)
         base = f"{_PREFIX}:{self.tag}:{stream}"
         self.dead_letters = f"{base}:dead"

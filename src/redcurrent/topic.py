@@ -63,7 +63,7 @@ class Topic:
         *,
         max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> None:
-        check_name(name, "a topic's stream name")
+        name = check_name(name, "a topic's stream name")
         self._redis = check_client(redis, "Topic")
         self.name = name
         self.keys = TopicKeys(name)
@@ -78,26 +78,36 @@ class Topic:
         return f"Topic({self.name!r})"
 
     def _entry(
-        self, type: str, data: Any, metadata: Mapping[str, str] | None, where: str = ""
+        self, type: str, data: Any, metadata: Mapping[str, str] | None, index: int = -1
     ) -> tuple[bytes, bytes, bytes]:
         """The ``type``, ``data`` and ``metadata`` bytes of one message, checked
-        (type, encoding, size) before anything is sent; ``where`` prefixes errors."""
-        raw_type = _type_bytes(type, where)
+        (type, encoding, size) before anything is sent; errors name the
+        ``index`` of a publish_many item."""
+        if type.__class__ is not str or not type:
+            try:
+                check_message_type(type)  # a str subclass (a StrEnum) passes
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{_where(index)}{exc}") from None
+        try:
+            raw_type = type.encode()
+        except UnicodeEncodeError as exc:
+            raise ConfigurationError(
+                f"{_where(index)}message type {type!r} cannot be encoded as UTF-8: {exc.reason}"
+            ) from None
         try:
             body = encode_data(data)
         except ENCODE_FAILURES as exc:
-            raise EncodeError(f"{where}{data_error(data, exc)}") from exc
+            raise EncodeError(f"{_where(index)}{data_error(data, exc)}") from exc
         try:
             meta = encode_metadata(metadata)
         except EncodeError as exc:
-            if not where:
-                raise
-            raise EncodeError(f"{where}{exc}") from None
+            raise EncodeError(f"{_where(index)}{exc}") from exc.__cause__
         limit = self.max_payload_bytes
         if limit is not None:
             size = FIELD_NAME_BYTES + len(raw_type) + len(body) + len(meta)
             if size > limit:
-                raise PayloadTooLargeError(size, limit, what=f"{where}message of type {type!r}")
+                what = f"{_where(index)}message of type {type!r}"
+                raise PayloadTooLargeError(size, limit, what=what)
         return raw_type, body, meta
 
     def _xadd_args(
@@ -180,7 +190,7 @@ class Topic:
                     f"publish_many item {index}: items are (type, data) or (type, data, "
                     f"metadata), got {len(item)} values: {_short(item)}"
                 )
-            raw_type, body, meta = entry(type, data, metadata, f"publish_many item {index}: ")
+            raw_type, body, meta = entry(type, data, metadata, index)
             args += (raw_type, body, meta)
             size += len(body) + len(meta)
             if len(args) >= limit or size >= PUBLISH_CHUNK_BYTES:
@@ -288,19 +298,9 @@ class Topic:
         return denials_explained(f"{what} on stream {self.name!r}")
 
 
-def _type_bytes(message_type: str, where: str) -> bytes:
-    """The ``type`` field as sent: a non-empty str, UTF-8 encoded."""
-    if message_type.__class__ is not str or not message_type:
-        try:
-            check_message_type(message_type)
-        except ConfigurationError as exc:
-            raise ConfigurationError(f"{where}{exc}") from None
-    try:
-        return message_type.encode()
-    except UnicodeEncodeError as exc:
-        raise ConfigurationError(
-            f"{where}message type {message_type!r} cannot be encoded as UTF-8: {exc.reason}"
-        ) from None
+def _where(index: int) -> str:
+    """The prefix of an error about the ``index``-th item of publish_many."""
+    return f"publish_many item {index}: " if index >= 0 else ""
 
 
 def _check_maxlen(maxlen: int) -> int:
