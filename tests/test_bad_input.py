@@ -23,7 +23,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -492,7 +492,10 @@ async def consume(
 
 
 def check_outcome(
-    outcome: Outcome, entries: list[Fields], expected: list[Expect | None], limit: int | None
+    outcome: Outcome,
+    entries: list[Fields],
+    expected: Sequence[Expect | None],
+    limit: int | None,
 ) -> tuple[int, int]:
     """Every entry handled exactly once or a dead letter, never both, never lost;
     predicted fates as predicted. Returns (handled, dead letters)."""
