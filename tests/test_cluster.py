@@ -14,6 +14,7 @@ import anyio
 import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from helpers import wait_until as until
 from redcurrent import CleanupPolicy, Message, StartFrom, StopReason, StreamConsumer, Topic
@@ -203,3 +204,57 @@ async def test_a_decode_responses_cluster_client_reads_binary_entries(
 
 def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+async def test_a_consumer_follows_its_stream_when_the_slot_migrates(
+    cluster: RedisCluster,
+) -> None:
+    """Resharding moves a stream with MIGRATE, which deletes it on the source
+    node: Redis wakes a XREADGROUP blocked there with the very reply it sends
+    for a deleted stream (``UNBLOCKED the stream key no longer exists``). The
+    consumer must not take that for a deletion: it asks again and follows the
+    slot to its new node."""
+    stream = "resharded"
+    slot = key_slot(stream.encode())
+    topic = Topic(cluster, stream)
+    seen: list[str] = []
+    consumer = StreamConsumer(cluster, stream, "g", start=StartFrom.EARLIEST, **FAST)
+
+    @consumer.handler("job")
+    async def job(msg: Message[Any]) -> None:
+        seen.append(msg.id)
+
+    source_node = cluster.get_node_from_key(stream)
+    source = redis.Redis(host=source_node.host, port=source_node.port, decode_responses=True)
+    target_node = next(n for n in cluster.get_primaries() if n.name != source_node.name)
+    target = redis.Redis(host=target_node.host, port=target_node.port, decode_responses=True)
+    try:
+        async with consumer:
+            first = await topic.publish("job", {})
+            await until(lambda: first in seen)
+
+            def reader_blocked() -> bool:
+                clients = source.client_list()
+                return any(c["cmd"] == "xreadgroup" and "b" in c["flags"] for c in clients)
+
+            await until(reader_blocked)
+            source_id, target_id = source.cluster("MYID"), target.cluster("MYID")
+            target.cluster("SETSLOT", slot, "IMPORTING", source_id)
+            source.cluster("SETSLOT", slot, "MIGRATING", target_id)
+            keys = source.cluster("GETKEYSINSLOT", slot, 100)
+            source.migrate(target_node.host, target_node.port, keys, 0, 5000)
+            for node in (target, source):
+                node.cluster("SETSLOT", slot, "NODE", target_id)
+            for other in cluster.get_primaries():
+                if other.name not in (source_node.name, target_node.name):
+                    with redis.Redis(host=other.host, port=other.port) as third:
+                        third.cluster("SETSLOT", slot, "NODE", target_id)
+
+            second = await topic.publish("job", {})
+            await until(lambda: second in seen, timeout=15.0)
+            assert consumer.stop_reason is None
+        assert sorted(seen) == [first, second]
+        assert target.xlen(stream) == 2  # it lives on the new node
+    finally:
+        source.close()
+        target.close()

@@ -310,3 +310,39 @@ async def test_an_entry_taken_over_by_another_consumer_is_dropped_not_handled(
     assert seen == [first]
     rows = await redis_client.xpending_range("ctl", "g", "-", "+", 10)
     assert [(r["message_id"].decode(), r["consumer"].decode()) for r in rows] == [(second, "thief")]
+
+
+async def test_a_running_entry_taken_over_is_not_acknowledged_from_under_its_new_owner(
+    redis_client: aredis.Redis, redis_url: str
+) -> None:
+    """A consumer stalled past ``claim_idle`` (a frozen process, a blocked
+    event loop) finds on its next lease refresh that another consumer took
+    over the message its handler is running. When that handler then returns,
+    the entry is the other consumer's: acknowledging it would take it from
+    under its new owner, whose own handling decides its fate."""
+    topic = Topic(redis_client, "ctl")
+    taken = await topic.publish("job", {"n": 1})
+    consumer = StreamConsumer(
+        redis_client, "ctl", "g", start=StartFrom.EARLIEST, concurrency=1, claim_idle=3.0, block=0.2
+    )
+    started, release = anyio.Event(), anyio.Event()
+    thief = aredis.Redis.from_url(redis_url)
+
+    @consumer.handler("job")
+    async def handle(msg: Message[Any]) -> None:
+        started.set()
+        await release.wait()
+
+    try:
+        async with consumer:
+            await started.wait()
+            await thief.xclaim("ctl", "g", "thief", 0, [taken], justid=True)
+            # The next lease refresh (every claim_idle / 3) finds it gone.
+            await until(lambda: consumer.stats.held == 0)
+            release.set()
+            await until(lambda: consumer.stats.handled == 1)
+            await consumer.stop()
+    finally:
+        await thief.aclose()
+    rows = await redis_client.xpending_range("ctl", "g", "-", "+", 10)
+    assert [(r["message_id"].decode(), r["consumer"].decode()) for r in rows] == [(taken, "thief")]

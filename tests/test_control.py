@@ -18,7 +18,8 @@ from redis import exceptions as rex
 from redis.asyncio.cluster import RedisCluster
 
 from redcurrent import ConfigurationError, Topic, TopicKeys
-from redcurrent._control import ControlListener, normalize_id
+from redcurrent._control import ControlListener
+from redcurrent._ids import normalize_id
 from redcurrent.testing import RedisServer
 
 
@@ -144,7 +145,6 @@ async def test_missed_notification_converges_on_resync(redis_client: aredis.Redi
         "abc",
         "1-",
         "-1",
-        "1",
         "1-2-3",
         "1.5-0",
         "0x1-0",
@@ -170,6 +170,7 @@ async def test_non_str_id_raises_configuration_error(redis_client: aredis.Redis)
 
 async def test_ids_are_stored_in_the_servers_canonical_form(redis_client: aredis.Redis) -> None:
     assert normalize_id("0017-00") == "17-0"
+    assert normalize_id("17") == "17-0"  # as XRANGE and XGROUP CREATE read it
     assert normalize_id(f"{2**64 - 1}-{2**64 - 1}") == f"{2**64 - 1}-{2**64 - 1}"
     topic = Topic(redis_client, "orders")
     await topic.stop_message("0017-00")

@@ -75,6 +75,9 @@ def test_py_typed_ships() -> None:
         redcurrent.BatchError(["1-0"], "one failed"),
         redcurrent.TopicGoneError("orders", "NOGROUP"),
         redcurrent.ConfigurationError("bad option"),
+        redcurrent.EncodeError("data of type object is not JSON-serialisable"),
+        redcurrent.PayloadTooLargeError(9_000_000, 8_388_608, "1-0"),
+        redcurrent.PayloadTooLargeError(10, 5, what="message of type 'email'"),
     ],
 )
 def test_errors_survive_pickling(error: redcurrent.RedcurrentError) -> None:

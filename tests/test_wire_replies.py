@@ -11,9 +11,8 @@ from redis import exceptions as rex
 
 from helpers import wait_until
 from redcurrent import Message, StartFrom, StreamConsumer, Topic
-from redcurrent._consumer import _block_within_socket_timeout
 from redcurrent._faults import Fault, classify
-from redcurrent._redis import entries_of, raw_reply_client
+from redcurrent._redis import block_within_socket_timeout, entries_of, raw_reply_client
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
@@ -104,6 +103,6 @@ async def test_a_consumer_on_a_resp3_client(redis_url: str, redis_client: aredis
 def test_blocking_reads_fit_inside_the_socket_timeout() -> None:
     # The default socket timeout differs between redis-py versions: say it.
     url = "redis://x?socket_timeout=5"
-    assert _block_within_socket_timeout(aredis.Redis.from_url(url), 5.0) == 4.0
-    assert _block_within_socket_timeout(aredis.Redis(socket_timeout=None), 5.0) == 5.0
-    assert _block_within_socket_timeout(aredis.Redis(socket_timeout=2), 5.0) == 1.6
+    assert block_within_socket_timeout(aredis.Redis.from_url(url), 5.0) == 4.0
+    assert block_within_socket_timeout(aredis.Redis(socket_timeout=None), 5.0) == 5.0
+    assert block_within_socket_timeout(aredis.Redis(socket_timeout=2), 5.0) == 1.6

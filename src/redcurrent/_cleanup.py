@@ -82,14 +82,14 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from redis.exceptions import ResponseError
 
-from ._config import CleanupPolicy
+from ._config import CleanupPolicy, check_policy
 from ._faults import Fault, classify
 from ._redis import AnyRedis, as_str
 
 if TYPE_CHECKING:
     from ._topic import Topic
 
-__all__ = ["AutoCleaner", "cleanup"]
+__all__ = ["AutoCleaner", "check_policy", "cleanup"]
 
 logger = logging.getLogger("redcurrent.cleanup")
 
@@ -471,7 +471,7 @@ async def cleanup(topic: Topic, policy: CleanupPolicy | None = None) -> int:
     Removal is final: a group created later, even at id ``0``, cannot get
     the removed entries back.
     """
-    cleaner = _Cleaner(topic, policy or CleanupPolicy())
+    cleaner = _Cleaner(topic, check_policy(policy) or CleanupPolicy())
     removed = await cleaner.run()
     if cleaner.stopped_removed or cleaner.dead_letters_removed:
         logger.info(

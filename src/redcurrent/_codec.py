@@ -16,10 +16,11 @@ from typing import Any, Final
 import msgspec
 
 from ._message import Message
-from .errors import ConfigurationError, DecodeError, ValidationError
+from .errors import ConfigurationError, DecodeError, EncodeError, ValidationError
 
 __all__ = [
     "EMPTY_OBJECT",
+    "ENCODE_FAILURES",
     "FIELD_DATA",
     "FIELD_METADATA",
     "FIELD_TYPE",
@@ -27,6 +28,7 @@ __all__ = [
     "decode_message",
     "check_message_type",
     "decode_type",
+    "data_error",
     "encode_data",
     "encode_fields",
     "encode_metadata",
@@ -46,25 +48,50 @@ _metadata_decoder = msgspec.json.Decoder(dict[str, str])
 Fields = Mapping[bytes, bytes]
 
 
-#: The JSON text of a payload (``data`` field); raises TypeError if unencodable.
+#: The JSON text of a payload (``data`` field). Raw msgspec: callers turn its
+#: failures (the exceptions in :data:`ENCODE_FAILURES`) into :func:`data_error`.
 encode_data: Final = _encoder.encode
+
+#: What msgspec raises for a value it cannot write as JSON: an unsupported type
+#: or dict key (TypeError), a lone surrogate in a str (UnicodeEncodeError, a
+#: ValueError), nesting too deep or circular (RecursionError).
+ENCODE_FAILURES: Final = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
+
+
+def data_error(data: Any, exc: BaseException) -> EncodeError:
+    """The library's error for a payload msgspec could not encode."""
+    return EncodeError(f"data of type {type_name(data)} is not JSON-serialisable: {exc}")
 
 
 def encode_metadata(metadata: Mapping[str, str] | None) -> bytes:
-    """The JSON text of the ``metadata`` field; raises TypeError unless str to str."""
+    """The JSON text of the ``metadata`` field; raises :class:`EncodeError`
+    (a TypeError) unless it is None or a mapping of str to str."""
+    if metadata is None:
+        return EMPTY_OBJECT
+    if metadata.__class__ is not dict and not isinstance(metadata, Mapping):
+        raise EncodeError(
+            f"metadata must be a mapping of str to str or None, got {type_name(metadata)}"
+        )
     if not metadata:
         return EMPTY_OBJECT
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"metadata must map str to str, got {key!r}: {type_name(value)}")
-    return _encoder.encode(metadata)
+            raise EncodeError(f"metadata must map str to str, got {key!r}: {type_name(value)}")
+    try:
+        return _encoder.encode(metadata)
+    except ENCODE_FAILURES as exc:
+        raise EncodeError(f"metadata cannot be encoded as JSON: {exc}") from exc
 
 
 def encode_fields(
     type: str, data: Any, metadata: Mapping[str, str] | None
 ) -> tuple[str, str, str, bytes, str, bytes]:
-    """The flat field list of an XADD for one message."""
-    return ("type", type, "data", _encoder.encode(data), "metadata", encode_metadata(metadata))
+    """The flat field list of an XADD for one message; raises :class:`EncodeError`."""
+    try:
+        body = _encoder.encode(data)
+    except ENCODE_FAILURES as exc:
+        raise data_error(data, exc) from exc
+    return ("type", type, "data", body, "metadata", encode_metadata(metadata))
 
 
 def check_message_type(message_type: str) -> None:

@@ -12,16 +12,17 @@ rather than ignored.
 from __future__ import annotations
 
 import math
-import re
 
 import msgspec
 
+from ._ids import normalize_id
+from ._keys import check_name
+from ._limits import DEFAULT_MAX_PAYLOAD_BYTES, check_limit
 from ._message import StartFrom
 from .errors import ConfigurationError
 
-__all__ = ["BatchConfig", "CleanupPolicy", "ConsumerConfig"]
+__all__ = ["BatchConfig", "CleanupPolicy", "ConsumerConfig", "check_policy"]
 
-_ID = re.compile(r"^\d+(-\d+)?$")
 _START_WORDS = {"latest": StartFrom.LATEST.value, "earliest": StartFrom.EARLIEST.value}
 
 
@@ -117,6 +118,16 @@ class CleanupPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             )
 
 
+def check_policy(policy: object) -> CleanupPolicy | None:
+    """``policy`` if it is a :class:`CleanupPolicy` or None, else a
+    :class:`ConfigurationError` (not an AttributeError in the middle of a run)."""
+    if policy is None or isinstance(policy, CleanupPolicy):
+        return policy
+    raise ConfigurationError(
+        f"cleanup takes a CleanupPolicy or None, got {type(policy).__name__} {policy!r}"
+    )
+
+
 class ConsumerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The options of one :class:`StreamConsumer` (durations in float seconds).
 
@@ -171,17 +182,26 @@ class ConsumerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     this consumer last read and go on, instead of stopping with
     :attr:`StopReason.DELETED`. For servers that may restart without
     persistence; a terminated topic still stops."""
+    max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES
+    """An entry heavier than this (the bytes of its field names and values;
+    8 MiB by default, ``None``: no limit) is moved to the dead letters
+    undecoded, with a reason naming its size and the limit."""
 
     def __post_init__(self) -> None:
-        if not self.stream or not self.group or not self.name:
-            raise ConfigurationError("stream, group and name must be non-empty")
-        if not isinstance(self.start, StartFrom) and not (
-            isinstance(self.start, str) and (self.start in _START_WORDS or _ID.match(self.start))
-        ):
-            raise ConfigurationError(
-                "start must be StartFrom.LATEST, StartFrom.EARLIEST or an entry id, "
-                f"got {self.start!r}"
-            )
+        # Any non-empty str that UTF-8 can encode: braces, spaces, newlines, Unicode.
+        check_name(self.stream, "a stream name")
+        check_name(self.group, "a group name")
+        check_name(self.name, "a consumer name")
+        check_policy(self.cleanup)
+        check_limit(self.max_payload_bytes)
+        if not isinstance(self.start, StartFrom) and self.start not in _START_WORDS:
+            try:
+                normalize_id(self.start)
+            except ConfigurationError:
+                raise ConfigurationError(
+                    "start must be StartFrom.LATEST, StartFrom.EARLIEST or an entry id, "
+                    f"got {self.start!r}"
+                ) from None
         if not _is_int(self.concurrency) or self.concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, got {self.concurrency!r}")
         if not _is_int(self.max_deliveries) or self.max_deliveries < 1:
@@ -208,4 +228,5 @@ class ConsumerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         """``start`` as XGROUP CREATE takes it."""
         if isinstance(self.start, StartFrom):
             return self.start.value
-        return _START_WORDS.get(self.start, self.start)
+        word = _START_WORDS.get(self.start)
+        return word if word is not None else normalize_id(self.start)

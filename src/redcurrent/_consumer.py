@@ -19,9 +19,10 @@ import anyio.abc
 from ._config import BatchConfig, CleanupPolicy, ConsumerConfig
 from ._context import Context
 from ._handlers import HandlerSpec
-from ._keys import TopicKeys
+from ._keys import TopicKeys, check_name
+from ._limits import DEFAULT_MAX_PAYLOAD_BYTES
 from ._message import ConsumerStats, StartFrom, StopReason
-from ._redis import AnyRedis, bytes_client
+from ._redis import AnyRedis, bytes_client, check_client, uses_tls
 from ._router import Registrar
 from ._routes import RouteTable
 from ._runtime import Runtime
@@ -72,11 +73,13 @@ class StreamConsumer(Registrar):
         consumer_idle_timeout: float = 3600.0,
         start_timeout: float = 30.0,
         recreate_group: bool = False,
+        max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> None:
+        # Plain str names (a str enum becomes the value redis-py sends).
         config = ConsumerConfig(
-            stream=stream,
-            group=group,
-            name=name or default_consumer_name(),
+            stream=check_name(stream, "a stream name"),
+            group=check_name(group, "a group name"),
+            name=default_consumer_name() if name is None else check_name(name, "a consumer name"),
             start=start,
             claim_idle=claim_idle,
             concurrency=concurrency,
@@ -89,6 +92,7 @@ class StreamConsumer(Registrar):
             consumer_idle_timeout=consumer_idle_timeout,
             start_timeout=start_timeout,
             recreate_group=recreate_group,
+            max_payload_bytes=max_payload_bytes,
         )
         self._setup(redis, config)
 
@@ -101,6 +105,7 @@ class StreamConsumer(Registrar):
         return consumer
 
     def _setup(self, redis: AnyRedis, config: ConsumerConfig) -> None:
+        check_client(redis, "StreamConsumer")
         self._config = config
         self._keys = TopicKeys(config.stream)
         # One Context for all handlers: the optional second parameter costs
@@ -205,9 +210,18 @@ class StreamConsumer(Registrar):
     def _start_timed_out(self) -> StartTimeoutError:
         last = self._run.member.outage.last_error
         cause = f"{type(last).__name__}: {last}" if last is not None else "no answer"
+        # A TLS server drops a client whose certificate it refuses as it would
+        # drop any connection: only the hint can point there.
+        tls = (
+            " Over TLS, also the certificates: ssl_ca_certs must hold the CA that signed"
+            " the server's, and a server that verifies clients (tls-auth-clients) needs"
+            " an ssl_certfile and ssl_keyfile signed by its CA."
+            if uses_tls(self._run.redis)
+            else ""
+        )
         return StartTimeoutError(
             f"{self!r} could not start within start_timeout={self._config.start_timeout:g}s: "
-            f"Redis unreachable ({cause}); is the server up and the address right?"
+            f"Redis unreachable ({cause}); is the server up and the address right?{tls}"
         )
 
     async def __aexit__(

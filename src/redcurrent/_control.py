@@ -13,7 +13,6 @@ Notifications on ``TopicKeys.control_channel`` are plain text:
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -24,6 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from ._backoff import Backoff, Outage
 from ._faults import Fault, access_denied, classify
+from ._ids import normalize_id
 from ._keys import TopicKeys
 from ._redis import AnyRedis, as_str
 from ._scripts import SET_STOPPED, TERMINATE
@@ -34,16 +34,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ControlListener",
-    "normalize_id",
     "resume_message",
     "stop_message",
     "terminate",
 ]
 
 logger = logging.getLogger("redcurrent.control")
-
-_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
-_U64_MAX: Final = 2**64 - 1
 
 
 _BACKOFF_BASE: Final = 0.05
@@ -53,27 +49,6 @@ _BACKOFF_CAP: Final = 1.0
 _SUBSCRIBE_TIMEOUT: Final = 10.0
 _CLOSE_TIMEOUT: Final = 2.0
 _WAKE_INTERVAL: Final = 1.0
-
-
-def normalize_id(entry_id: str) -> str:
-    """The canonical form of a stream entry id, as the server writes it.
-
-    Stopped ids are compared as strings with ids read from the stream, so
-    ``"0017-0"`` must become ``"17-0"`` or it would never match.
-    """
-    if not isinstance(entry_id, str):
-        raise ConfigurationError(
-            f"a message id must be a str like '1700000000000-0', got {entry_id!r}"
-        )
-    match = _ID.fullmatch(entry_id.strip())
-    if match is None:
-        raise ConfigurationError(
-            f"not a stream entry id: {entry_id!r} (expected '<milliseconds>-<sequence>')"
-        )
-    ms, seq = int(match[1]), int(match[2])
-    if ms > _U64_MAX or seq > _U64_MAX:
-        raise ConfigurationError(f"stream entry id out of range: {entry_id!r}")
-    return f"{ms}-{seq}"
 
 
 async def _set_stopped(topic: Topic, action: str, entry_id: str) -> None:

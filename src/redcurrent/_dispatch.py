@@ -27,7 +27,7 @@ from ._dead import DeadLetterWriter
 from ._inflight import InFlight, Item
 from ._message import ConsumerStats, Message
 from ._routes import Route, RouteTable
-from .errors import BatchError, DecodeError, NoHandlerError
+from .errors import BatchError, DecodeError, NoHandlerError, PayloadTooLargeError
 
 __all__ = ["Counters", "Dispatcher", "Slot"]
 
@@ -121,6 +121,7 @@ class Dispatcher:
         max_deliveries: int,
         batcher: Batcher | None,
         is_stopped: Callable[[str], bool],
+        max_payload_bytes: int | None = None,
     ) -> None:
         self.stream = stream
         self.router = router
@@ -131,6 +132,9 @@ class Dispatcher:
         self.max_deliveries = max_deliveries
         self.batcher = batcher
         self.is_stopped = is_stopped
+        #: entries heavier than this (field names and values, in bytes) are
+        #: dead-lettered without being decoded; None: no limit.
+        self.max_payload_bytes = max_payload_bytes
         self.queue: deque[Item | Batch] = deque()
         self.closing = False
         #: the workers' slots, one per running worker.
@@ -346,6 +350,19 @@ class Dispatcher:
         if is_init_entry(fields):
             self._settle(raw_id)  # goStream's group-creation placeholder
             return None, None, None
+        limit = self.max_payload_bytes
+        if limit is not None:
+            size = 0
+            for key, value in fields.items():  # inlined entry_size: the hot path
+                size += len(key) + len(value)
+            if size > limit:
+                exc = PayloadTooLargeError(size, limit, entry_id)
+                logger.error(
+                    "%s; moving it to the dead letters undecoded",
+                    exc,
+                    extra={"message_id": entry_id},
+                )
+                return None, None, (str(exc), type(exc).__name__)
         try:
             message_type = decode_type(entry_id, fields)
             route = route or self.router.get(message_type)
@@ -367,8 +384,15 @@ class Dispatcher:
         return msg, route, None
 
     def _settle(self, raw_id: bytes) -> None:
+        inflight = self.inflight
+        if raw_id not in inflight.held:
+            # Lost to another consumer while its handler ran (see ``lose``):
+            # the entry is that consumer's now, and an ack would take it from
+            # under it while its own handling is under way.
+            inflight.lost.discard(raw_id)
+            return
         self._ack(raw_id)  # the acker counts it in ``inflight.unacked``
-        self.inflight.release(raw_id)
+        inflight.release(raw_id)
 
     async def _failed(self, item: Item, exc: BaseException, route: Route) -> None:
         """The one place that decides between a later retry and a dead letter."""

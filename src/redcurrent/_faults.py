@@ -11,14 +11,25 @@ redis-py strips the code.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import re
+from collections.abc import Iterator
 
 from redis import exceptions as rex
 
 from .errors import AccessDeniedError
 
-__all__ = ["Fault", "access_denied", "classify", "error_code", "is_busygroup", "is_wrongtype"]
+__all__ = [
+    "Fault",
+    "access_denied",
+    "classify",
+    "denials_explained",
+    "error_code",
+    "is_busygroup",
+    "is_wrongtype",
+    "woken_by_deletion",
+]
 
 
 class Fault(enum.Enum):
@@ -39,7 +50,8 @@ _GONE_CODES = frozenset({"NOGROUP"})
 # Redis 7 answers a blocked XREADGROUP whose stream was deleted with
 # ``UNBLOCKED the stream key no longer exists``; the code alone is shared with
 # CLIENT UNBLOCK, so this one reply is recognised whole.
-_GONE_UNBLOCKED = ("the stream key no longer exists", "consumer group was destroyed")
+_KEY_DELETED = "the stream key no longer exists"
+_GONE_UNBLOCKED = (_KEY_DELETED, "consumer group was destroyed")
 # A plain ``ERR`` has no code of its own: XINFO on a missing stream says this.
 _GONE_ERR = "no such key"
 _TRANSIENT_CODES = frozenset(
@@ -121,6 +133,14 @@ def classify(exc: BaseException) -> Fault:
     return Fault.FATAL
 
 
+def woken_by_deletion(exc: BaseException) -> bool:
+    """A blocked read woken because its stream key left the node: deleted, or
+    moved to another node of a cluster by MIGRATE (resharding), which deletes
+    it on the source with the same reply. Only asking again tells them apart:
+    a deleted stream then answers ``NOGROUP``, a moved one is redirected."""
+    return error_code(exc) == "UNBLOCKED" and _KEY_DELETED in str(exc)
+
+
 def is_busygroup(exc: BaseException) -> bool:
     return error_code(exc) == "BUSYGROUP"
 
@@ -137,3 +157,19 @@ def access_denied(exc: BaseException, what: str) -> AccessDeniedError:
     else:
         hint = "check the username and password of the Redis client"
     return AccessDeniedError(f"Redis denied {what}: {type(exc).__name__}: {exc}; {hint}")
+
+
+@contextlib.contextmanager
+def denials_explained(what: str) -> Iterator[None]:
+    """Raise a :attr:`Fault.DENIED` error of the block as :class:`AccessDeniedError`.
+
+    For calls made once on the caller's behalf (``Topic`` methods): a refused
+    key, command or channel is the caller's configuration to fix, and should
+    read as the library's error with what to check, not as a bare redis-py one.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if classify(exc) is Fault.DENIED:
+            raise access_denied(exc, what) from exc
+        raise

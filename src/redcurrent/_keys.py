@@ -17,7 +17,9 @@ import string
 
 from redis.crc import key_slot
 
-__all__ = ["TopicKeys", "hash_tag"]
+from .errors import ConfigurationError
+
+__all__ = ["TopicKeys", "check_name", "hash_tag"]
 
 _PREFIX = "redcurrent"
 
@@ -30,6 +32,30 @@ def _hashed_part(name: str) -> str:
         if end > start + 1:
             return name[start + 1 : end]
     return name
+
+
+def check_name(name: object, what: str) -> str:
+    """A stream, group or consumer name: any non-empty str that UTF-8 can encode.
+
+    Redis names are binary-safe, so braces, spaces, newlines and any Unicode
+    work (the hash tag below keeps every key in the stream's slot); an empty
+    name, a non-str (bytes included) or a lone surrogate is refused here
+    instead of failing inside redis-py or, worse, naming a different key. A
+    str subclass (a ``str`` enum) comes back as the plain str of its value,
+    which is what redis-py sends: f-strings would spell some of them
+    ``Kind.NAME`` and derive keys from another name than the stream's.
+    """
+    if not isinstance(name, str):
+        raise ConfigurationError(f"{what} must be a str, got {type(name).__name__} {name!r}")
+    if not name:
+        raise ConfigurationError(f"{what} must be a non-empty str")
+    try:
+        name.encode()
+    except UnicodeEncodeError as exc:
+        raise ConfigurationError(
+            f"{what} {name!r} cannot be encoded as UTF-8: {exc.reason}"
+        ) from None
+    return name if name.__class__ is str else str.__str__(name)
 
 
 @functools.lru_cache(maxsize=1)
@@ -77,7 +103,7 @@ class TopicKeys:
     """The pub/sub channel of stop, resume and terminate notices."""
 
     def __init__(self, stream: str) -> None:
-        self.stream = stream
+        self.stream = stream = check_name(stream, "a stream name")
         self.tag = hash_tag(stream)
         base = f"{_PREFIX}:{self.tag}:{stream}"
         self.dead_letters = f"{base}:dead"

@@ -17,9 +17,17 @@ from typing import Any, TypeVar
 from redis.asyncio.cluster import RedisCluster
 
 from ._backoff import Backoff, Outage
-from ._faults import Fault, access_denied, classify, is_busygroup, is_wrongtype
+from ._faults import (
+    Fault,
+    access_denied,
+    classify,
+    is_busygroup,
+    is_wrongtype,
+    woken_by_deletion,
+)
 from ._keys import TopicKeys
 from ._redis import AnyRedis, as_str, execute_pipeline
+from ._scripts import CHECK_SCRIPT_ACCESS
 from .errors import ConfigurationError, TopicGoneError
 
 __all__ = ["GroupMember"]
@@ -66,6 +74,8 @@ class GroupMember:
                     await backoff.sleep()
                     continue
                 if fault is Fault.GONE:
+                    if woken_by_deletion(exc):
+                        continue  # deleted (NOGROUP next) or resharded away
                     if self.on_gone is not None and await self.on_gone(exc):
                         continue
                     raise TopicGoneError(self.stream, f"{what}: {exc}") from exc
@@ -111,8 +121,11 @@ class GroupMember:
     async def check_access(self) -> None:
         """At start, send once each command the loops send outside scripts, in
         a form that changes nothing, so that an ACL user lacking one fails the
-        start (:class:`AccessDeniedError`) instead of a loop later on."""
+        start (:class:`AccessDeniedError`) instead of a loop later on. The
+        commands sent inside scripts cannot be tried harmlessly: the server's
+        ACL is asked about them instead (Redis >= 7.0)."""
         stream, group, name = self.stream, self.group, self.name
+        scripted = self.redis.register_script(CHECK_SCRIPT_ACCESS)
 
         async def probe() -> Any:
             pipe = self.redis.pipeline(transaction=False)
@@ -126,6 +139,10 @@ class GroupMember:
             return await execute_pipeline(pipe)
 
         await self.call("permission check", probe)
+        await self.call(
+            "permission check",
+            lambda: scripted(keys=[stream, self.keys.dead_letters], args=[group, name]),
+        )
 
     async def create_group(self, start: str) -> bool:
         """Create the group at ``start`` (and the stream if missing); False if

@@ -21,14 +21,31 @@ __all__ = [
     "Entry",
     "as_str",
     "block_within_socket_timeout",
+    "check_client",
     "execute_pipeline",
     "bytes_client",
     "entries_of",
     "raw_reply_client",
+    "uses_tls",
 ]
 
 AnyRedis: TypeAlias = aredis.Redis | RedisCluster
 Entry: TypeAlias = tuple[bytes, dict[bytes, bytes]]
+
+
+def check_client(client: object, who: str) -> AnyRedis:
+    """``client`` if it is an asyncio client, else a :class:`ConfigurationError`
+    now, rather than an AttributeError or "can't be used in 'await'" at the
+    first command (a synchronous ``redis.Redis`` is the usual mistake)."""
+    if isinstance(client, aredis.Redis | RedisCluster):
+        return client
+    hint = ""
+    if type(client).__module__.startswith("redis."):
+        hint = "; the synchronous client cannot be awaited: use redis.asyncio"
+    raise ConfigurationError(
+        f"{who} needs a redis.asyncio.Redis or redis.asyncio.RedisCluster client, "
+        f"got {type(client).__qualname__}{hint}"
+    )
 
 
 def _decodes(client: AnyRedis) -> bool:
@@ -152,3 +169,12 @@ def block_within_socket_timeout(redis: AnyRedis, block: float) -> float:
     if isinstance(timeout, int | float) and timeout > 0:
         return min(block, max(0.05, float(timeout) * 0.8))
     return block
+
+
+def uses_tls(client: AnyRedis) -> bool:
+    """Whether ``client`` connects over TLS (``rediss://``, ``ssl=True``)."""
+    pool = getattr(client, "connection_pool", None)
+    kind = getattr(pool, "connection_class", None)
+    if kind is None:  # a cluster keeps its nodes' connection class in its kwargs
+        kind = getattr(client, "connection_kwargs", {}).get("connection_class")
+    return isinstance(kind, type) and issubclass(kind, aredis.SSLConnection)

@@ -160,6 +160,7 @@ class Runtime:
             max_deliveries=settings.max_deliveries,
             batcher=batcher,
             is_stopped=control.is_stopped,
+            max_payload_bytes=settings.max_payload_bytes,
         )
         self.dispatcher = dispatcher
         started = False

@@ -13,6 +13,7 @@ from typing import Final
 
 __all__ = [
     "ACK_DELETED",
+    "CHECK_SCRIPT_ACCESS",
     "COUNT_AFTER",
     "SET_STOPPED",
     "TERMINATE",
@@ -182,7 +183,16 @@ return done
 # KEYS: stopped set. ARGV: channel, "stop"|"resume", entry id.
 # State and announcement together: a listener that sees the message also
 # finds the state, and no announcement goes out for a change that failed.
+# A script's writes are not undone when a later command fails, so a user the
+# ACL refuses the PUBLISH is refused before the first write (Redis >= 7.0 can
+# tell; NOPERM, the code the library classifies). Below 7.0 it is not checked.
 SET_STOPPED: Final = """
+if redis.acl_check_cmd and not (
+    redis.acl_check_cmd(ARGV[2] == 'stop' and 'SADD' or 'SREM', KEYS[1], ARGV[3])
+    and redis.acl_check_cmd('PUBLISH', ARGV[1], ARGV[2])) then
+  return redis.error_reply('NOPERM this user may not change ' .. KEYS[1] ..
+                           ' or publish to channel ' .. ARGV[1])
+end
 if ARGV[2] == 'stop' then
   redis.call('SADD', KEYS[1], ARGV[3])
 else
@@ -194,8 +204,16 @@ return 1
 
 # KEYS: every owned key of the topic. ARGV: channel.
 # The announcement goes first so that consumers can hear "terminate" before
-# (or as) their blocked XREADGROUP fails, and both happen atomically.
+# (or as) their blocked XREADGROUP fails, and both happen atomically: a user
+# the ACL refuses the DEL must not stop every consumer of a topic that stays
+# (checked first, as in SET_STOPPED).
 TERMINATE: Final = """
+if redis.acl_check_cmd and not (
+    redis.acl_check_cmd('PUBLISH', ARGV[1], 'terminate')
+    and redis.acl_check_cmd('DEL', unpack(KEYS))) then
+  return redis.error_reply('NOPERM this user may not publish to channel ' .. ARGV[1] ..
+                           ' or delete the keys of the topic')
+end
 redis.call('PUBLISH', ARGV[1], 'terminate')
 return redis.call('DEL', unpack(KEYS))
 """
@@ -204,4 +222,37 @@ return redis.call('DEL', unpack(KEYS))
 # Counts on the server so that no payload crosses the wire.
 COUNT_AFTER: Final = """
 return #redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+"""
+
+# KEYS: stream, dead-letter stream. ARGV: group, consumer.
+# A command a script sends is refused only when the script reaches it, in an
+# error without a code (``ERR ... can't run this command``), often long after
+# start-up. A consumer runs this once at start instead: it asks the ACL about
+# every command its scripts send, as they send it, and answers NOPERM naming
+# the first one refused. Redis < 7.0 has no redis.acl_check_cmd: nothing to ask.
+CHECK_SCRIPT_ACCESS: Final = """
+if not redis.acl_check_cmd then
+  return 0
+end
+local s, d, g, c = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+local checks = {
+  {'XPENDING', s, g, '-', '+', '1', c},
+  {'XCLAIM', s, g, c, '0', '0-1', 'JUSTID'},
+  {'XACK', s, g, '0-1'},
+  {'XRANGE', s, '-', '+'},
+  {'XADD', d, '*', 'f', 'v'},
+  {'XINFO', 'CONSUMERS', s, g},
+  {'XGROUP', 'DELCONSUMER', s, g, c},
+}
+for _, args in ipairs(checks) do
+  if not redis.acl_check_cmd(unpack(args)) then
+    local name = args[1]
+    if name == 'XINFO' or name == 'XGROUP' then
+      name = name .. ' ' .. args[2]
+    end
+    return redis.error_reply('NOPERM this user may not run ' .. name ..
+                             ' (sent inside scripts) on the keys of stream ' .. s)
+  end
+end
+return 1
 """

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from . import _cleanup, _control, _dead, _info
-from ._codec import check_message_type, encode_data, encode_fields, encode_metadata
+from ._codec import ENCODE_FAILURES, check_message_type, data_error, encode_data, encode_metadata
 from ._config import CleanupPolicy
-from ._keys import TopicKeys
+from ._faults import denials_explained
+from ._ids import normalize_id
+from ._keys import TopicKeys, check_name
+from ._limits import DEFAULT_MAX_PAYLOAD_BYTES, FIELD_NAME_BYTES, check_limit
 from ._message import DeadLetter, TopicInfo
-from ._redis import AnyRedis, as_str
+from ._redis import AnyRedis, as_str, check_client
 from ._scripts import PUBLISH_MANY
-from .errors import ConfigurationError
+from .errors import ConfigurationError, EncodeError, PayloadTooLargeError
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -35,14 +39,36 @@ class Topic:
     (standalone or cluster): replies that carry entry fields (:meth:`info`,
     :meth:`dead_letters`) are read as bytes on the client's own connections,
     so entries that are not UTF-8, the usual dead letters, never break them.
+    A key, command or channel the client's ACL user may not use raises
+    :class:`~redcurrent.AccessDeniedError` (Redis's refusal is its ``__cause__``).
+
+    ``name`` is any non-empty str: braces, spaces, newlines and any Unicode
+    are fine (every key of the topic stays in the stream's cluster slot).
+    ``max_payload_bytes`` (8 MiB; ``None``: no limit) caps what one message
+    may weigh, counted as the bytes of its field names and values as stored
+    (``type``, ``data``, ``metadata``): a heavier one raises
+    :class:`~redcurrent.PayloadTooLargeError` before anything is sent.
+    Consumers weigh what they read the same way
+    (``StreamConsumer(max_payload_bytes=...)``).
+
+    Every method checks its arguments before touching Redis and answers a
+    bad one with a :class:`~redcurrent.ConfigurationError` naming it (its
+    subclasses :class:`~redcurrent.EncodeError` for data or metadata that
+    cannot be encoded, :class:`~redcurrent.PayloadTooLargeError`).
     """
 
-    def __init__(self, redis: AnyRedis, name: str) -> None:
-        if not name:
-            raise ConfigurationError("a topic needs a non-empty stream name")
-        self._redis = redis
+    def __init__(
+        self,
+        redis: AnyRedis,
+        name: str,
+        *,
+        max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        name = check_name(name, "a topic's stream name")
+        self._redis = check_client(redis, "Topic")
         self.name: str = name
         self.keys: TopicKeys = TopicKeys(name)
+        self.max_payload_bytes: int | None = check_limit(max_payload_bytes)
         self._publish_script: AsyncScript | None = None
 
     @property
@@ -52,10 +78,44 @@ class Topic:
     def __repr__(self) -> str:
         return f"Topic({self.name!r})"
 
+    def _entry(
+        self, type: str, data: Any, metadata: Mapping[str, str] | None, index: int = -1
+    ) -> tuple[bytes, bytes, bytes]:
+        """The ``type``, ``data`` and ``metadata`` bytes of one message, checked
+        (type, encoding, size) before anything is sent; errors name the
+        ``index`` of a publish_many item."""
+        if type.__class__ is not str or not type:
+            try:
+                check_message_type(type)  # a str subclass (a StrEnum) passes
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{_where(index)}{exc}") from None
+        try:
+            raw_type = type.encode()
+        except UnicodeEncodeError as exc:
+            raise ConfigurationError(
+                f"{_where(index)}message type {type!r} cannot be encoded as UTF-8: {exc.reason}"
+            ) from None
+        try:
+            body = encode_data(data)
+        except ENCODE_FAILURES as exc:
+            raise EncodeError(f"{_where(index)}{data_error(data, exc)}") from exc
+        try:
+            meta = encode_metadata(metadata)
+        except EncodeError as exc:
+            raise EncodeError(f"{_where(index)}{exc}") from exc.__cause__
+        limit = self.max_payload_bytes
+        if limit is not None:
+            size = FIELD_NAME_BYTES + len(raw_type) + len(body) + len(meta)
+            if size > limit:
+                what = f"{_where(index)}message of type {type!r}"
+                raise PayloadTooLargeError(size, limit, what=what)
+        return raw_type, body, meta
+
     def _xadd_args(
         self, type: str, data: Any, metadata: Mapping[str, str] | None, maxlen: int | None
     ) -> tuple[Any, ...]:
-        fields = encode_fields(type, data, metadata)
+        raw_type, body, meta = self._entry(type, data, metadata)
+        fields = ("type", raw_type, "data", body, "metadata", meta)
         if maxlen is None:
             return ("XADD", self.name, "*", *fields)
         return ("XADD", self.name, "MAXLEN", "~", _check_maxlen(maxlen), "*", *fields)
@@ -74,9 +134,16 @@ class Topic:
         does not care whether entries were processed: it can drop messages no
         group has handled yet. Prefer :meth:`cleanup`, which removes only what
         every group acknowledged.
+
+        Raises before sending anything: :class:`ConfigurationError` for an
+        empty or non-str ``type`` or a bad ``maxlen``, :class:`EncodeError`
+        (also a TypeError) for ``data`` that is not JSON-serialisable or
+        ``metadata`` that is not a mapping of str to str, and
+        :class:`PayloadTooLargeError` above ``max_payload_bytes``.
         """
-        check_message_type(type)
-        entry_id = await self._redis.execute_command(*self._xadd_args(type, data, metadata, maxlen))
+        args = self._xadd_args(type, data, metadata, maxlen)
+        with self._denials("XADD"):
+            entry_id = await self._redis.execute_command(*args)
         return as_str(entry_id)
 
     async def publish_many(
@@ -90,15 +157,30 @@ class Topic:
         its messages in order, so a chunk is written whole or, if the server
         fails it midway, up to the failing entry. Chunks are not one
         transaction: if a later chunk fails, the ids of the earlier ones are
-        lost to the caller while their entries stay. An invalid item raises
-        before its chunk is sent.
+        lost to the caller while their entries stay. An invalid item (any
+        error of :meth:`publish`, naming the item's index, or an item that is
+        not such a tuple) raises before its chunk is sent: when all items fit
+        in one chunk, nothing is sent.
         """
         head = b"" if maxlen is None else str(_check_maxlen(maxlen)).encode()
+        try:
+            iterator = iter(items)
+        except TypeError:
+            raise ConfigurationError(
+                "publish_many takes an iterable of (type, data) or (type, data, metadata) "
+                f"tuples, got {items.__class__.__name__}"
+            ) from None
         ids: list[str] = []
         args: list[Any] = [head]
         size = 0
         limit = 1 + 3 * PUBLISH_CHUNK
-        for item in items:
+        entry = self._entry
+        for index, item in enumerate(iterator):
+            if item.__class__ is not tuple and not isinstance(item, tuple | list):
+                raise ConfigurationError(
+                    f"publish_many item {index}: expected a (type, data) or (type, data, "
+                    f"metadata) tuple, got {item.__class__.__name__} {_short(item)}"
+                )
             if len(item) == 2:
                 type, data = item
                 metadata = None
@@ -106,13 +188,11 @@ class Topic:
                 type, data, metadata = item
             else:
                 raise ConfigurationError(
-                    f"publish_many items are (type, data) or (type, data, metadata), got {item!r}"
+                    f"publish_many item {index}: items are (type, data) or (type, data, "
+                    f"metadata), got {len(item)} values: {_short(item)}"
                 )
-            if type.__class__ is not str or not type:
-                check_message_type(type)
-            body = encode_data(data)
-            meta = encode_metadata(metadata)
-            args += (type, body, meta)
+            raw_type, body, meta = entry(type, data, metadata, index)
+            args += (raw_type, body, meta)
             size += len(body) + len(meta)
             if len(args) >= limit or size >= PUBLISH_CHUNK_BYTES:
                 ids += await self._send(args)
@@ -126,7 +206,8 @@ class Topic:
         script = self._publish_script
         if script is None:
             script = self._publish_script = self._redis.register_script(PUBLISH_MANY)
-        reply: list[bytes | str] = await script(keys=[self.name], args=args)
+        with self._denials("publish_many"):
+            reply: list[bytes | str] = await script(keys=[self.name], args=args)
         return [
             entry_id.decode() if entry_id.__class__ is bytes else str(entry_id)
             for entry_id in reply
@@ -135,19 +216,37 @@ class Topic:
     # -- administration -------------------------------------------------
     async def info(self) -> TopicInfo:
         """Length, ends, groups with pending and lag, stopped ids, dead letters."""
-        return await _info.topic_info(self)
+        with self._denials("info"):
+            return await _info.topic_info(self)
 
     async def stop_message(self, message_id: str) -> None:
-        """Stop one message for every consumer of every group, until resumed."""
-        await _control.stop_message(self, message_id)
+        """Stop one message for every consumer of every group, until resumed.
+
+        ``message_id`` is an entry id such as ``"1700000000000-0"`` (leading
+        zeros and surrounding blanks are normalised away); anything else
+        raises :class:`ConfigurationError` naming it. An id that is not (yet)
+        in the stream is recorded all the same, on purpose: it is honoured if
+        such an entry arrives, and cleanup drops it once the stream has
+        passed it. Stopping a stopped id again changes nothing.
+        """
+        with self._denials("stop_message"):
+            await _control.stop_message(self, message_id)
 
     async def resume_message(self, message_id: str) -> None:
-        """Let a stopped message be handled again, promptly."""
-        await _control.resume_message(self, message_id)
+        """Let a stopped message be handled again, promptly.
+
+        ``message_id`` is checked as by :meth:`stop_message`. Resuming an id
+        that is not stopped (never was, resumed already, or not in the
+        stream) is a no-op, not an error, so a resume can be retried safely;
+        :meth:`info` lists the stopped ids.
+        """
+        with self._denials("resume_message"):
+            await _control.resume_message(self, message_id)
 
     async def terminate(self) -> None:
         """Delete the stream, its groups and every key of the topic; stop consumers."""
-        await _control.terminate(self)
+        with self._denials("terminate"):
+            await _control.terminate(self)
 
     async def cleanup(self, policy: CleanupPolicy | None = None) -> int:
         """Remove entries every group has acknowledged; returns how many went.
@@ -156,22 +255,83 @@ class Topic:
         with ``policy.dead_letter_retention``, old dead letters (neither is
         counted in the result). See :func:`redcurrent._cleanup.cleanup`.
         """
-        return await _cleanup.cleanup(self, policy)
+        with self._denials("cleanup"):
+            return await _cleanup.cleanup(self, policy)
 
     async def dead_letters(self, count: int = 100, *, start: str = "-") -> list[DeadLetter]:
-        """The oldest ``count`` dead letters from ``start`` on."""
-        return await _dead.read_dead_letters(self, count, start=start)
+        """The oldest ``count`` (an int >= 0) dead letters from ``start`` on.
+
+        ``start`` is ``"-"`` (the oldest), a dead-letter id (inclusive) or
+        ``"(" + id`` (exclusive: the page after the last id seen). A
+        malformed one raises :class:`ConfigurationError`.
+        """
+        _check_count(count, "dead_letters count")
+        start = _check_start(start)
+        if count == 0:
+            return []
+        with self._denials("dead_letters"):
+            return await _dead.read_dead_letters(self, count, start=start)
 
     async def replay_dead_letters(
         self, ids: Iterable[str] | None = None, *, count: int = 100
     ) -> list[str]:
         """Put dead letters back on the stream (new ids) and remove them from
         the dead-letter stream; returns the new ids. ``ids`` selects dead-letter
-        ids, otherwise the oldest ``count`` are replayed."""
-        return await _dead.replay_dead_letters(self, ids, count=count)
+        ids (an iterable of ids, not one id string), otherwise the oldest
+        ``count`` are replayed. Ids that are not dead letters (any more) are
+        skipped, so that a replay can be retried; a malformed id raises
+        :class:`ConfigurationError` before anything is replayed."""
+        _check_count(count, "replay_dead_letters count")
+        if ids is not None:
+            if isinstance(ids, str | bytes) or not _iterable(ids):
+                raise ConfigurationError(
+                    "replay_dead_letters ids must be an iterable of dead-letter ids "
+                    f"(e.g. a list), got {_short(ids)}"
+                )
+            ids = [normalize_id(entry_id) for entry_id in ids]
+        elif count == 0:
+            return []
+        with self._denials("replay_dead_letters"):
+            return await _dead.replay_dead_letters(self, ids, count=count)
+
+    def _denials(self, what: str) -> AbstractContextManager[None]:
+        """A refused key, command or channel as :class:`AccessDeniedError`."""
+        return denials_explained(f"{what} on stream {self.name!r}")
+
+
+def _where(index: int) -> str:
+    """The prefix of an error about the ``index``-th item of publish_many."""
+    return f"publish_many item {index}: " if index >= 0 else ""
 
 
 def _check_maxlen(maxlen: int) -> int:
     if isinstance(maxlen, bool) or not isinstance(maxlen, int) or maxlen < 0:
         raise ConfigurationError(f"maxlen must be an int >= 0 or None, got {maxlen!r}")
     return maxlen
+
+
+def _check_count(count: int, what: str) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ConfigurationError(f"{what} must be an int >= 0, got {count!r}")
+
+
+def _check_start(start: str) -> str:
+    """``"-"``, an entry id, or ``"("`` and an entry id (exclusive)."""
+    if start == "-":
+        return start
+    if isinstance(start, str) and start.startswith("("):
+        return "(" + normalize_id(start[1:])
+    return normalize_id(start)
+
+
+def _iterable(value: object) -> bool:
+    try:
+        iter(value)  # type: ignore[call-overload]
+    except TypeError:
+        return False
+    return True
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

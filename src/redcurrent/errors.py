@@ -6,7 +6,9 @@ its own bugs::
 
     RedcurrentError
     ├── ConfigurationError      invalid arguments, detected before touching Redis
-    │   └── AccessDeniedError   Redis refused the credentials or an ACL permission
+    │   ├── AccessDeniedError   Redis refused the credentials or an ACL permission
+    │   ├── EncodeError         data or metadata that cannot be written as a message
+    │   └── PayloadTooLargeError  a message larger than ``max_payload_bytes``
     ├── StartTimeoutError       Redis could not be reached within ``start_timeout``
     ├── ConsumerStateError      a lifecycle call at the wrong time (e.g. start twice)
     ├── DecodeError             a stream entry that is not a valid message (``category`` says why)
@@ -34,7 +36,9 @@ __all__ = [
     "ConsumerStateError",
     "DecodeCategory",
     "DecodeError",
+    "EncodeError",
     "NoHandlerError",
+    "PayloadTooLargeError",
     "RedcurrentError",
     "StartTimeoutError",
     "TopicGoneError",
@@ -57,6 +61,38 @@ class AccessDeniedError(ConfigurationError):
     Retrying cannot fix either, so a consumer fails at once instead of waiting
     for a server that will never say yes. The Redis error is the ``__cause__``.
     """
+
+
+class EncodeError(ConfigurationError, TypeError):
+    """A message's ``data`` is not JSON-serialisable, or its ``metadata`` is not
+    a mapping of str to str. Raised by publishing before anything is sent; a
+    ``TypeError`` too, as the bare encoder's error was. The encoder's error,
+    if any, is the ``__cause__``."""
+
+
+class PayloadTooLargeError(ConfigurationError):
+    """A message larger than the ``max_payload_bytes`` limit.
+
+    ``size`` is what the entry weighs (the bytes of its field names and
+    values, as stored in the stream), ``limit`` the limit and ``entry_id`` the
+    entry (``None`` when publishing, which raises before anything is sent). A
+    consumer does not raise it: it moves the entry to the dead letters, undecoded,
+    with this error's text as the reason.
+    """
+
+    def __init__(self, size: int, limit: int, entry_id: str | None = None, what: str = "") -> None:
+        self.size = size
+        self.limit = limit
+        self.entry_id = entry_id
+        self.what = what
+        subject = f"entry {entry_id}" if entry_id is not None else (what or "message")
+        super().__init__(
+            f"{subject}: {size} bytes, more than max_payload_bytes={limit} "
+            f"(by {size - limit} bytes)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.size, self.limit, self.entry_id, self.what))
 
 
 class StartTimeoutError(RedcurrentError, TimeoutError):

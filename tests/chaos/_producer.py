@@ -9,7 +9,8 @@ show up as duplicates, never as losses.
 
 Options (JSON object): ``url``, ``stream``, ``root``, ``name``, ``first``,
 ``count``, and optionally ``cluster``, ``chunk`` (default 100), ``pause`` (s),
-``pad`` (bytes of padding per payload), ``socket_timeout`` (s).
+``pad`` (bytes of padding per payload), ``socket_timeout`` (s), ``urls``
+(follow the master among these, see ``_worker.py``), ``warm`` (idem).
 Prints ``done <retries>`` when every seq is acknowledged.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import anyio
 from _ledger import CHAOS_TYPE, published_log
-from _worker import client_for
+from _worker import client_for, warm_pool
 from redis.exceptions import RedisError
 
 from redcurrent import RedcurrentError, Topic
@@ -31,6 +32,7 @@ from redcurrent import RedcurrentError, Topic
 async def main(options: dict[str, Any]) -> None:
     log = published_log(Path(options["root"]), options["name"])
     client = client_for(options)
+    await warm_pool(client, options)
     topic = Topic(client, options["stream"])
     first, count = int(options["first"]), int(options["count"])
     chunk = int(options.get("chunk", 100))

@@ -7,15 +7,23 @@ leaves a log that at most misses the calls whose ack had not been sent either.
 Options (JSON object): ``url``, ``stream``, ``group``, ``name``, ``root`` (the
 ledger directory), and optionally ``cluster`` (bool), ``claim_idle`` (s),
 ``block`` (s), ``concurrency``, ``delay`` (s a handler takes), ``batch`` (a
-batch size: use a batch handler), ``socket_timeout`` (s), ``start``.
+batch size: use a batch handler), ``socket_timeout`` (s), ``start``,
+``prefetch``, ``timed`` (bool: each ledger line also carries the wall-clock
+times the handler started and finished) and ``urls`` (a list of URLs of a
+master and its replicas: the client connects to whichever of them is master
+now and follows a promotion, as a Sentinel client would; ``url`` is then
+ignored), ``warm`` (on a cluster: open this many connections to every node at
+start and leave them idle in the pool, as a busy application's client has).
 Prints ``ready`` on stdout once the consumer runs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +31,42 @@ import anyio
 import redis.asyncio
 from _ledger import CHAOS_TYPE, handled_log
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import MasterNotFoundError, SentinelConnectionPool
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from redcurrent import BatchConfig, Message, StreamConsumer
+
+
+class MasterOf:
+    """Stands in for Redis Sentinel in front of a connection pool: the master
+    is whichever of ``urls`` answers ``ROLE`` with ``master`` (the first such,
+    while a failover briefly leaves two). redis-py's
+    ``SentinelConnectionPool`` asks it on every new connection and drops a
+    connection that meets READONLY, so clients follow a promotion."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = urls
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        for url in self.urls:
+            probe = redis.asyncio.Redis.from_url(
+                url, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+            )
+            try:
+                role = await probe.execute_command("ROLE")
+            except (RedisError, OSError):
+                continue
+            finally:
+                await probe.aclose()
+            if role[0] in (b"master", "master"):
+                kwargs = probe.connection_pool.connection_kwargs
+                return kwargs["host"], int(kwargs["port"])
+        raise MasterNotFoundError(f"no master among {self.urls}")
+
+    async def discover_slaves(self, service_name: str) -> list[tuple[str, int]]:
+        return []
 
 
 def client_for(options: dict[str, Any]) -> Any:
@@ -32,9 +74,27 @@ def client_for(options: dict[str, Any]) -> Any:
     if options.get("socket_timeout") is not None:
         kwargs["socket_timeout"] = options["socket_timeout"]
         kwargs["socket_connect_timeout"] = options["socket_timeout"]
+    if options.get("urls"):
+        pool = SentinelConnectionPool("chaos", MasterOf(list(options["urls"])), **kwargs)
+        return redis.asyncio.Redis(connection_pool=pool)
     if options.get("cluster"):
         return RedisCluster.from_url(options["url"], **kwargs)
     return redis.asyncio.Redis.from_url(options["url"], **kwargs)
+
+
+async def warm_pool(client: Any, options: dict[str, Any]) -> None:
+    """Leave ``options["warm"]`` idle connections to every node in a cluster
+    client's pool: with several, redis-py's ASKING and the command it should
+    precede may leave on different connections (../shared/PARTITIONS.md)."""
+    per_node = int(options.get("warm", 0))
+    if not per_node or not isinstance(client, RedisCluster):
+        return
+    await client.initialize()
+    async with anyio.create_task_group() as tg:
+        for _ in range(per_node):
+            tg.start_soon(
+                functools.partial(client.execute_command, "PING", target_nodes=client.ALL_NODES)
+            )
 
 
 async def main(options: dict[str, Any]) -> None:
@@ -44,8 +104,13 @@ async def main(options: dict[str, Any]) -> None:
     )
     log = handled_log(Path(options["root"]), options["name"])
     client = client_for(options)
+    await warm_pool(client, options)
     delay = float(options.get("delay", 0.0))
     batch = options.get("batch")
+    timed = bool(options.get("timed"))
+    extra: dict[str, Any] = {}
+    if options.get("prefetch") is not None:
+        extra["prefetch"] = int(options["prefetch"])
     consumer = StreamConsumer(
         client,
         options["stream"],
@@ -58,23 +123,28 @@ async def main(options: dict[str, Any]) -> None:
         batch=BatchConfig(size=int(batch), timeout=0.05) if batch else None,
         shutdown_timeout=2.0,
         start_timeout=60.0,
+        **extra,
     )
 
     if batch:
 
         @consumer.batch_handler(CHAOS_TYPE)
         async def handle_batch(messages: list[Message[Any]]) -> None:
+            began = time.time()
             if delay:
                 await anyio.sleep(delay)
-            log.add_many((m.data["seq"], m.id, m.delivery_count) for m in messages)
+            times = (f"{began:.3f}", f"{time.time():.3f}") if timed else ()
+            log.add_many((m.data["seq"], m.id, m.delivery_count, *times) for m in messages)
 
     else:
 
         @consumer.handler(CHAOS_TYPE)
         async def handle(msg: Message[Any]) -> None:
+            began = time.time()
             if delay:
                 await anyio.sleep(delay)
-            log.add(msg.data["seq"], msg.id, msg.delivery_count)
+            times = (f"{began:.3f}", f"{time.time():.3f}") if timed else ()
+            log.add(msg.data["seq"], msg.id, msg.delivery_count, *times)
 
     async with consumer:
         print("ready", flush=True)
