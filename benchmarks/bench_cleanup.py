@@ -44,9 +44,9 @@ import redis.asyncio as aredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from redcurrent import cleanup as cleanup_module
-from redcurrent._cleanup import CleanupPolicy, _Cleaner
-from redcurrent._topic import Topic
+from redcurrent import CleanupPolicy, TopicKeys
+from redcurrent import _cleanup as cleanup_module
+from redcurrent._cleanup import _Cleaner
 
 STREAM = "bench:cleanup"
 FILL_CHUNK = 20_000
@@ -101,7 +101,7 @@ async def run_client_side(client: aredis.Redis, batch: int, timings: list[float]
 
 
 async def run_script(client: aredis.Redis, batch: int, script: str, timings: list[float]) -> int:
-    cleaner = _Cleaner(Topic(client, STREAM), CleanupPolicy(batch_size=batch), script)
+    cleaner = _Cleaner(client, TopicKeys(STREAM), CleanupPolicy(batch_size=batch), script)
     await cleaner.prepare()
     total = 0
     while True:

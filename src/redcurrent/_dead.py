@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 from redis.client import NEVER_DECODE
@@ -20,9 +20,6 @@ from ._keys import TopicKeys
 from ._message import DeadLetter
 from ._redis import AnyRedis, as_str
 from ._scripts import DEAD_LETTER, DEAD_LETTER_FIELD_PREFIX, REPLAY
-
-if TYPE_CHECKING:
-    from ._topic import Topic
 
 __all__ = ["DeadLetterWriter", "read_dead_letters", "replay_dead_letters"]
 
@@ -120,7 +117,9 @@ def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
     )
 
 
-async def read_dead_letters(topic: Topic, count: int, *, start: str = "-") -> list[DeadLetter]:
+async def read_dead_letters(
+    redis: AnyRedis, keys: TopicKeys, count: int, *, start: str = "-"
+) -> list[DeadLetter]:
     """The oldest ``count`` dead letters from ``start`` on, read as bytes.
 
     Dead letters are often exactly the entries that are not UTF-8, so the
@@ -128,22 +127,22 @@ async def read_dead_letters(topic: Topic, count: int, *, start: str = "-") -> li
     ``decode_responses`` (``NEVER_DECODE`` reads this one reply raw, on the
     client's own connections; no second pool is needed).
     """
-    reply: Any = await topic.redis.execute_command(
-        "XRANGE", topic.keys.dead_letters, start, "+", "COUNT", count, **{NEVER_DECODE: []}
+    reply: Any = await redis.execute_command(
+        "XRANGE", keys.dead_letters, start, "+", "COUNT", count, **{NEVER_DECODE: []}
     )
     return [_parse(_b(entry_id), _bytes_fields(fields)) for entry_id, fields in reply]
 
 
 async def replay_dead_letters(
-    topic: Topic, ids: Iterable[str] | None, *, count: int = 100
+    redis: AnyRedis, keys: TopicKeys, ids: Iterable[str] | None, *, count: int = 100
 ) -> list[str]:
     if ids is None:
-        ids = [letter.id for letter in await read_dead_letters(topic, count)]
+        ids = [letter.id for letter in await read_dead_letters(redis, keys, count)]
     wanted = list(ids)
     if not wanted:
         return []
-    script = topic.redis.register_script(REPLAY)
-    reply = await script(keys=[topic.keys.stream, topic.keys.dead_letters], args=wanted)
+    script = redis.register_script(REPLAY)
+    reply = await script(keys=[keys.stream, keys.dead_letters], args=wanted)
     return [as_str(new_id) for new_id in reply if new_id is not None]
 
 

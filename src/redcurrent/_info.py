@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from redis import exceptions as rex
 from redis.client import NEVER_DECODE
 
 from ._faults import Fault, classify
+from ._keys import TopicKeys
 from ._message import GroupInfo, TopicInfo
-from ._redis import as_str
+from ._redis import AnyRedis, as_str
 from ._scripts import COUNT_AFTER
-
-if TYPE_CHECKING:
-    from ._topic import Topic
 
 __all__ = ["LAG_SCAN_LIMIT", "id_key", "topic_info"]
 
@@ -54,7 +52,7 @@ def _check(reply: Any) -> Any:
     return reply
 
 
-async def topic_info(topic: Topic) -> TopicInfo:
+async def topic_info(redis: AnyRedis, keys: TopicKeys) -> TopicInfo:
     """Length, first and last entry ids, groups, stopped ids and dead-letter count.
 
     A stream that does not exist is reported empty, without groups, not as an
@@ -67,8 +65,7 @@ async def topic_info(topic: Topic) -> TopicInfo:
     by counting up to :data:`LAG_SCAN_LIMIT` entries on the server. Past that
     limit it is ``None``: an exact count would mean reading the whole tail.
     """
-    keys = topic.keys
-    pipe = topic.redis.pipeline(transaction=False)
+    pipe = redis.pipeline(transaction=False)
     # The first and last entries come with their fields, which need not be
     # UTF-8: read that reply raw even on a client with decode_responses=True.
     pipe.execute_command("XINFO STREAM", keys.stream, **{NEVER_DECODE: []})
@@ -92,7 +89,7 @@ async def topic_info(topic: Topic) -> TopicInfo:
     first_id = _entry_id(_field(stream, "first-entry"))
     last_id = _entry_id(_field(stream, "last-entry"))
     groups = [] if _missing(groups_reply) else list(_check(groups_reply))
-    lags = await _lags(topic, groups, length, first_id, last_id)
+    lags = await _lags(redis, keys, groups, length, first_id, last_id)
     return TopicInfo(
         length=length,
         first_id=first_id,
@@ -113,7 +110,8 @@ async def topic_info(topic: Topic) -> TopicInfo:
 
 
 async def _lags(
-    topic: Topic,
+    redis: AnyRedis,
+    keys: TopicKeys,
     groups: Sequence[Mapping[Any, Any]],
     length: int,
     first_id: str | None,
@@ -135,9 +133,9 @@ async def _lags(
             lags.append(None)
             to_count.append((index, as_str(_field(group, "last-delivered-id"))))
     if to_count:
-        pipe = topic.redis.pipeline(transaction=False)
+        pipe = redis.pipeline(transaction=False)
         for _, delivered_id in to_count:
-            pipe.eval(COUNT_AFTER, 1, topic.keys.stream, delivered_id, LAG_SCAN_LIMIT + 1)
+            pipe.eval(COUNT_AFTER, 1, keys.stream, delivered_id, LAG_SCAN_LIMIT + 1)
         counts = await pipe.execute()
         for (index, _), count in zip(to_count, counts, strict=True):
             if int(count) <= LAG_SCAN_LIMIT:

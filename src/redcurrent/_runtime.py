@@ -39,7 +39,6 @@ from ._read import Reader
 from ._recount import Recounter
 from ._redis import AnyRedis, block_within_socket_timeout
 from ._routes import RouteTable
-from ._topic import Topic
 from .errors import TopicGoneError
 
 __all__ = ["Runtime"]
@@ -184,8 +183,7 @@ class Runtime:
                 if batcher is not None:
                     services.start_soon(self._guard, batcher.run, dispatcher.enqueue_batch)
                 if settings.cleanup is not None and settings.cleanup.auto:
-                    topic = Topic(redis, settings.stream)
-                    cleaner = AutoCleaner(topic, settings.cleanup, settings.name)
+                    cleaner = AutoCleaner(redis, self.keys, settings.cleanup, settings.name)
                     services.start_soon(self._guard, cleaner.run)
                 if self.stop_reason is not None:  # stopped before it got going
                     self.request_stop(self.stop_reason, self.error)

@@ -217,7 +217,7 @@ class Topic:
     async def info(self) -> TopicInfo:
         """Length, ends, groups with pending and lag, stopped ids, dead letters."""
         with self._denials("info"):
-            return await _info.topic_info(self)
+            return await _info.topic_info(self._redis, self.keys)
 
     async def stop_message(self, message_id: str) -> None:
         """Stop one message for every consumer of every group, until resumed.
@@ -230,7 +230,7 @@ class Topic:
         passed it. Stopping a stopped id again changes nothing.
         """
         with self._denials("stop_message"):
-            await _control.stop_message(self, message_id)
+            await _control.stop_message(self._redis, self.keys, message_id)
 
     async def resume_message(self, message_id: str) -> None:
         """Let a stopped message be handled again, promptly.
@@ -241,12 +241,12 @@ class Topic:
         :meth:`info` lists the stopped ids.
         """
         with self._denials("resume_message"):
-            await _control.resume_message(self, message_id)
+            await _control.resume_message(self._redis, self.keys, message_id)
 
     async def terminate(self) -> None:
         """Delete the stream, its groups and every key of the topic; stop consumers."""
         with self._denials("terminate"):
-            await _control.terminate(self)
+            await _control.terminate(self._redis, self.keys)
 
     async def cleanup(self, policy: CleanupPolicy | None = None) -> int:
         """Remove entries every group has acknowledged; returns how many went.
@@ -256,7 +256,7 @@ class Topic:
         counted in the result). See :func:`redcurrent._cleanup.cleanup`.
         """
         with self._denials("cleanup"):
-            return await _cleanup.cleanup(self, policy)
+            return await _cleanup.cleanup(self._redis, self.keys, policy)
 
     async def dead_letters(self, count: int = 100, *, start: str = "-") -> list[DeadLetter]:
         """The oldest ``count`` (an int >= 0) dead letters from ``start`` on.
@@ -270,7 +270,7 @@ class Topic:
         if count == 0:
             return []
         with self._denials("dead_letters"):
-            return await _dead.read_dead_letters(self, count, start=start)
+            return await _dead.read_dead_letters(self._redis, self.keys, count, start=start)
 
     async def replay_dead_letters(
         self, ids: Iterable[str] | None = None, *, count: int = 100
@@ -292,7 +292,7 @@ class Topic:
         elif count == 0:
             return []
         with self._denials("replay_dead_letters"):
-            return await _dead.replay_dead_letters(self, ids, count=count)
+            return await _dead.replay_dead_letters(self._redis, self.keys, ids, count=count)
 
     def _denials(self, what: str) -> AbstractContextManager[None]:
         """A refused key, command or channel as :class:`AccessDeniedError`."""
