@@ -79,21 +79,22 @@ class Topic:
         return f"Topic({self.name!r})"
 
     def _entry(
-        self, type: str, data: Any, metadata: Mapping[str, str] | None, index: int = -1
+        self, message_type: str, data: Any, metadata: Mapping[str, str] | None, index: int = -1
     ) -> tuple[bytes, bytes, bytes]:
         """The ``type``, ``data`` and ``metadata`` bytes of one message, checked
         (type, encoding, size) before anything is sent; errors name the
         ``index`` of a publish_many item."""
-        if type.__class__ is not str or not type:
+        if message_type.__class__ is not str or not message_type:
             try:
-                check_message_type(type)  # a str subclass (a StrEnum) passes
+                check_message_type(message_type)  # a str subclass (a StrEnum) passes
             except ConfigurationError as exc:
                 raise ConfigurationError(f"{_where(index)}{exc}") from None
         try:
-            raw_type = type.encode()
+            raw_type = message_type.encode()
         except UnicodeEncodeError as exc:
             raise ConfigurationError(
-                f"{_where(index)}message type {type!r} cannot be encoded as UTF-8: {exc.reason}"
+                f"{_where(index)}message type {message_type!r} cannot be encoded as UTF-8: "
+                f"{exc.reason}"
             ) from None
         try:
             body = encode_data(data)
@@ -107,14 +108,14 @@ class Topic:
         if limit is not None:
             size = FIELD_NAME_BYTES + len(raw_type) + len(body) + len(meta)
             if size > limit:
-                what = f"{_where(index)}message of type {type!r}"
+                what = f"{_where(index)}message of type {message_type!r}"
                 raise PayloadTooLargeError(size, limit, what=what)
         return raw_type, body, meta
 
     def _xadd_args(
-        self, type: str, data: Any, metadata: Mapping[str, str] | None, maxlen: int | None
+        self, message_type: str, data: Any, metadata: Mapping[str, str] | None, maxlen: int | None
     ) -> tuple[Any, ...]:
-        raw_type, body, meta = self._entry(type, data, metadata)
+        raw_type, body, meta = self._entry(message_type, data, metadata)
         fields = ("type", raw_type, "data", body, "metadata", meta)
         if maxlen is None:
             return ("XADD", self.name, "*", *fields)
@@ -122,7 +123,7 @@ class Topic:
 
     async def publish(
         self,
-        type: str,
+        message_type: str,
         data: Any = None,
         metadata: Mapping[str, str] | None = None,
         *,
@@ -136,12 +137,12 @@ class Topic:
         every group acknowledged.
 
         Raises before sending anything: :class:`ConfigurationError` for an
-        empty or non-str ``type`` or a bad ``maxlen``, :class:`EncodeError`
+        empty or non-str ``message_type`` or a bad ``maxlen``, :class:`EncodeError`
         (also a TypeError) for ``data`` that is not JSON-serialisable or
         ``metadata`` that is not a mapping of str to str, and
         :class:`PayloadTooLargeError` above ``max_payload_bytes``.
         """
-        args = self._xadd_args(type, data, metadata, maxlen)
+        args = self._xadd_args(message_type, data, metadata, maxlen)
         with self._denials("XADD"):
             entry_id = await self._redis.execute_command(*args)
         return as_str(entry_id)
@@ -182,16 +183,16 @@ class Topic:
                     f"metadata) tuple, got {item.__class__.__name__} {_short(item)}"
                 )
             if len(item) == 2:
-                type, data = item
+                message_type, data = item
                 metadata = None
             elif len(item) == 3:
-                type, data, metadata = item
+                message_type, data, metadata = item
             else:
                 raise ConfigurationError(
                     f"publish_many item {index}: items are (type, data) or (type, data, "
                     f"metadata), got {len(item)} values: {_short(item)}"
                 )
-            raw_type, body, meta = entry(type, data, metadata, index)
+            raw_type, body, meta = entry(message_type, data, metadata, index)
             args += (raw_type, body, meta)
             size += len(body) + len(meta)
             if len(args) >= limit or size >= PUBLISH_CHUNK_BYTES:
