@@ -348,3 +348,111 @@ async def test_binary_dead_letters_on_a_decode_responses_client(
     assert [fields for _, fields in replayed] == [letter.fields for letter in letters]
     info = await topic.info()
     assert (info.length, info.last_id, info.dead_letters) == (802, new_ids[-1], 0)
+
+
+# -- original fields named like the dead letter's own ----------------------------------------
+
+#: In this order; names the dead-letter stream uses itself, its escape, and binary ones.
+DLQ_NAMED: dict[bytes, bytes] = {
+    b"type": b"email",
+    b"data": b'{"to":"a"}',
+    b"dlq:note": b"x",
+    b"dlq:reason": b"the producer's own reason",
+    b"dlq:original_id": b"0-1",
+    b"dlq:field:x": b"escape-like",
+    b"dlq:field:dlq:y": b"escaped-like",
+    b"dlq:": b"just the prefix",
+    b"dlq:field:": b"just the escape",
+    b"dlq:\xff\x00\xfe": b"\x00binary\xff",
+    b"\xfe\x00": b"binary name, not ours",
+    b"metadata": b"{}",
+}
+
+
+async def test_original_dlq_named_fields_survive_byte_for_byte(
+    redis_client: redis.asyncio.Redis, topic: Topic, writer: DeadLetterWriter
+) -> None:
+    flat: list[Any] = [x for pair in DLQ_NAMED.items() for x in pair]
+    await redis_client.execute_command("XADD", STREAM, "*", *flat)
+    [(entry_id, fields)] = await pending_entries(redis_client, topic)
+    assert list(fields.items()) == list(DLQ_NAMED.items())
+    assert await writer.move(
+        entry_id, fields, reason="handler raised: boom", error_type="RuntimeError", delivery_count=5
+    )
+
+    [letter] = await topic.dead_letters()
+    assert list(letter.fields.items()) == list(DLQ_NAMED.items())  # byte for byte, in order
+    # The dead letter's own fields are its own, whatever the original's say.
+    assert letter.reason == "handler raised: boom"
+    assert letter.original_id == entry_id
+    assert letter.delivery_count == 5
+    assert (letter.type, letter.data, letter.metadata) == ("email", {"to": "a"}, {})
+    # XRANGE shows the original's dlq: names escaped, readable, beside ours.
+    [(_, raw)] = await redis_client.xrange(topic.keys.dead_letters)
+    assert raw[b"dlq:field:dlq:note"] == b"x"
+    assert raw[b"dlq:field:dlq:reason"] == b"the producer's own reason"
+    assert raw[b"dlq:field:dlq:field:x"] == b"escape-like"
+    assert raw[b"dlq:reason"] == b"handler raised: boom"
+    assert raw[b"\xfe\x00"] == b"binary name, not ours"
+
+    [new_id] = await topic.replay_dead_letters([letter.id])
+    [(got_id, got)] = await redis_client.xrange(STREAM, min=new_id, max=new_id)
+    assert got_id.decode() == new_id
+    assert list(got.items()) == list(DLQ_NAMED.items())
+    assert await topic.dead_letters() == []
+
+
+async def test_consumer_dead_letters_keep_and_replay_dlq_named_fields(
+    redis_client: redis.asyncio.Redis, topic: Topic
+) -> None:
+    """The reproducer: an entry with a ``dlq:note`` field and no handler."""
+    original = {b"type": b"nohandler", b"data": b"{}", b"dlq:note": b"x"}
+    entry_id = (await redis_client.xadd(STREAM, original)).decode()  # type: ignore[arg-type]
+    seen = Recorder()
+    consumer = StreamConsumer(
+        redis_client, STREAM, GROUP, CONSUMER, start=StartFrom.EARLIEST, block=0.2
+    )
+    consumer.handler("email")(seen)
+    async with consumer:
+        await wait_until(lambda: consumer.stats.dead_lettered == 1)
+        await wait_until(nothing_pending(redis_client, STREAM, GROUP))
+
+    [letter] = await topic.dead_letters()
+    assert letter.original_id == entry_id
+    assert letter.error_type == "NoHandlerError"
+    assert letter.fields == original
+    [new_id] = await topic.replay_dead_letters()
+    [(_, got)] = await redis_client.xrange(STREAM, min=new_id, max=new_id)
+    assert list(got.items()) == list(original.items())
+
+
+async def test_dead_letters_of_the_previous_layout_read_and_replay_unchanged(
+    redis_client: redis.asyncio.Redis, topic: Topic
+) -> None:
+    """Dead letters written before original ``dlq:`` names were escaped: the
+    original fields are the names outside ``dlq:``, as they always were."""
+    old = {
+        b"type": b"email",
+        b"data": b'{"n":1}',
+        b"metadata": b"{}",
+        b"dlq:original_id": b"5-0",
+        b"dlq:stream": STREAM.encode(),
+        b"dlq:group": GROUP.encode(),
+        b"dlq:consumer": CONSUMER.encode(),
+        b"dlq:reason": b"handler raised: boom",
+        b"dlq:error_type": b"RuntimeError",
+        b"dlq:delivery_count": b"5",
+        b"dlq:failed_at": b"1700000000.000",
+    }
+    await redis_client.xadd(topic.keys.dead_letters, old)  # type: ignore[arg-type]
+
+    [letter] = await topic.dead_letters()
+    assert letter.fields == {b"type": b"email", b"data": b'{"n":1}', b"metadata": b"{}"}
+    assert (letter.original_id, letter.reason, letter.delivery_count) == (
+        "5-0",
+        "handler raised: boom",
+        5,
+    )
+    [new_id] = await topic.replay_dead_letters()
+    [(_, got)] = await redis_client.xrange(STREAM, min=new_id, max=new_id)
+    assert got == letter.fields

@@ -2,7 +2,9 @@
 
 A dead letter keeps the original entry's fields byte for byte and adds
 ``dlq:``-prefixed fields saying where it came from and why it failed, so
-that ``XRANGE`` shows everything and a replay restores the exact entry.
+that ``XRANGE`` shows everything and a replay restores the exact entry. An
+original field that itself starts with ``dlq:`` would pass for one of ours and
+be lost: it is stored as ``dlq:field:<its name>`` and read back unescaped.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from ._codec import FIELD_DATA, FIELD_METADATA, FIELD_TYPE
 from ._keys import TopicKeys
 from ._message import DeadLetter
 from ._redis import AnyRedis, as_str
-from ._scripts import DEAD_LETTER, DEAD_LETTER_FIELD_PREFIX, REPLAY
+from ._scripts import DEAD_LETTER, DEAD_LETTER_ESCAPE_PREFIX, DEAD_LETTER_FIELD_PREFIX, REPLAY
 
 __all__ = ["DeadLetterWriter", "read_dead_letters", "replay_dead_letters"]
 
 _P = DEAD_LETTER_FIELD_PREFIX.encode()
+_ESCAPE = DEAD_LETTER_ESCAPE_PREFIX.encode()
+_ESCAPED = _ESCAPE + _P
 
 Call = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
 _json = msgspec.json.Decoder()
@@ -64,7 +68,7 @@ class DeadLetterWriter:
         """Ack and copy in one step; False if the entry was no longer pending."""
         args: list[Any] = [self._group, entry_id]
         for key, value in fields.items():
-            args += (key, value)
+            args += (_ESCAPE + key if key.startswith(_P) else key, value)
         args += (
             "dlq:original_id", entry_id,
             "dlq:stream", self._keys.stream,
@@ -82,8 +86,23 @@ class DeadLetterWriter:
         return result is not None
 
 
+def _original_name(name: bytes) -> bytes | None:
+    """The original entry's name for a dead letter's field; None for our own.
+
+    Mirrors the REPLAY script, so that what ``dead_letters()`` shows is what a
+    replay writes back.
+    """
+    if name.startswith(_ESCAPED):
+        return name[len(_ESCAPE) :]
+    return None if name.startswith(_P) else name
+
+
 def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
-    original = {k: v for k, v in fields.items() if not k.startswith(_P)}
+    original: dict[bytes, bytes] = {}
+    for key, value in fields.items():
+        name = _original_name(key)
+        if name is not None:
+            original[name] = value
 
     def extra(name: str, default: str = "") -> str:
         raw = fields.get(_P + name.encode())

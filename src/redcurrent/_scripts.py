@@ -20,6 +20,7 @@ __all__ = [
     "SET_DELIVERY_COUNTS",
     "PUBLISH_MANY",
     "DEAD_LETTER",
+    "DEAD_LETTER_ESCAPE_PREFIX",
     "DEAD_LETTER_FIELD_PREFIX",
     "DELETE_IDLE_CONSUMER",
     "REFRESH_LEASE",
@@ -27,6 +28,12 @@ __all__ = [
 ]
 
 DEAD_LETTER_FIELD_PREFIX: Final = "dlq:"
+# An original field whose name starts with ``dlq:`` is stored in a dead letter
+# under this prefix (``dlq:note`` as ``dlq:field:dlq:note``), so that it is not
+# taken for one of the dead letter's own fields. Only names that start with
+# ``dlq:field:dlq:`` are unescaped: dead letters written before the escape
+# existed hold none, and read as they always did.
+DEAD_LETTER_ESCAPE_PREFIX: Final = "dlq:field:"
 
 # KEYS: stream, dead-letter stream. ARGV: group, entry id, then field/value pairs.
 # Ack and copy happen together or not at all; an entry that is no longer
@@ -112,6 +119,8 @@ return -1
 # Writes each dead letter's original fields back to the stream as a new entry
 # and removes it from the dead-letter stream; returns the new ids (false for
 # ids that were not found or hold no original fields, which stay put).
+# Original names are restored as DEAD_LETTER_ESCAPE_PREFIX escaped them
+# (string.sub counts bytes: binary names come back unchanged).
 REPLAY: Final = """
 local out = {}
 for i = 1, #ARGV do
@@ -120,8 +129,14 @@ for i = 1, #ARGV do
     local fields = found[1][2]
     local original = {}
     for j = 1, #fields, 2 do
-      if string.sub(fields[j], 1, 4) ~= 'dlq:' then
-        original[#original + 1] = fields[j]
+      local name = fields[j]
+      if string.sub(name, 1, 14) == 'dlq:field:dlq:' then
+        name = string.sub(name, 11)  -- the original's own 'dlq:...' name
+      elseif string.sub(name, 1, 4) == 'dlq:' then
+        name = nil  -- the dead letter's own field
+      end
+      if name then
+        original[#original + 1] = name
         original[#original + 1] = fields[j + 1]
       end
     end
