@@ -4,6 +4,10 @@ from pathlib import Path
 
 import pytest
 
+# Installed, redcurrent registers its plugin through the pytest11 entry point named
+# "redcurrent.testing"; naming it here too is then a no-op (same name), and it registers
+# the plugin where the package is only on PYTHONPATH or its installed metadata predates
+# the entry point.
 pytest_plugins = ["redcurrent.testing", "pytester"]
 
 

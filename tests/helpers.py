@@ -15,6 +15,7 @@ import anyio
 import redis.asyncio
 
 from redcurrent import Message
+from redcurrent.testing import wait_until
 
 __all__ = [
     "CONSUMER_SCRIPT",
@@ -35,18 +36,6 @@ SRC = ROOT / "src"
 CONSUMER_SCRIPT = Path(__file__).resolve().with_name("_consumer_proc.py")
 
 Predicate = Callable[[], bool | Awaitable[bool]]
-
-
-async def wait_until(predicate: Predicate, timeout: float = 10.0, interval: float = 0.02) -> None:  # noqa: ASYNC109
-    """Poll ``predicate`` (sync or async) until it is true; fail after ``timeout`` s."""
-    with anyio.fail_after(timeout):
-        while True:
-            result = predicate()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
-                return
-            await anyio.sleep(interval)
 
 
 def _s(value: bytes | str) -> str:

