@@ -18,6 +18,7 @@ from redis.crc import key_slot
 
 from helpers import wait_until as until
 from redcurrent import CleanupPolicy, Message, StartFrom, StopReason, StreamConsumer, Topic
+from redcurrent._faults import Fault, classify
 from redcurrent.testing import RedisServer, find_redis_server
 
 FAST: dict[str, Any] = {"claim_idle": 0.5, "block": 0.3, "shutdown_timeout": 1.0}
@@ -258,3 +259,37 @@ async def test_a_consumer_follows_its_stream_when_the_slot_migrates(
     finally:
         source.close()
         target.close()
+
+
+async def test_a_connection_torn_down_by_the_cluster_client_is_a_transient_fault(
+    cluster: RedisCluster,
+) -> None:
+    """redis-py's cluster client disconnects all its pooled connections from a
+    background task when it re-initialises (every 5th MOVED, CLUSTERDOWN): a
+    command on one of them at that moment fails with ``AttributeError`` inside
+    redis-py. During a reshard this stopped consumers; it is a fault to retry."""
+    seen: list[BaseException] = []
+
+    async def reinitialise(stop: anyio.Event) -> None:
+        while not stop.is_set():
+            await cluster.nodes_manager.aclose()  # what every 5th MOVED does
+            await anyio.sleep(random.random() * 0.003)
+
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reinitialise, stop)
+        with anyio.move_on_after(20):
+            while not seen:
+                try:
+                    await cluster.get("k")
+                except AttributeError as exc:
+                    seen.append(exc)
+                except redis.RedisError:
+                    pass
+        stop.set()
+    if not seen:
+        pytest.skip("this redis-py did not tear a connection down under a command")
+    assert classify(seen[0]) is Fault.TRANSIENT
+    with pytest.raises(AttributeError) as ours:  # one raised in our code is a bug
+        getattr(None, "writelines")  # noqa: B009
+    assert classify(ours.value) is Fault.FATAL

@@ -83,6 +83,8 @@ _TRANSIENT_CLASSES = (
     rex.OutOfMemoryError,
     rex.BusyLoadingError,
 )
+# Where redis-py raises on a connection closed under a command (see classify).
+_CONNECTION_MODULES = frozenset({"redis.asyncio.connection", "redis.connection"})
 # Subclasses of ConnectionError in redis-py: they must be tested before it.
 _DENIED_CLASSES = (rex.AuthenticationError, rex.AuthorizationError, rex.NoPermissionError)
 
@@ -105,6 +107,20 @@ def error_code(exc: BaseException) -> str | None:
         return match.group()
     status = getattr(exc, "status_code", None)  # redis-py >= 6 keeps the stripped code
     return status if isinstance(status, str) and status != "ERR" else None
+
+
+def _torn_down_under_a_command(exc: BaseException) -> bool:
+    """redis-py's cluster client (8.1) disconnects every pooled connection from
+    a background task when it re-initialises (every 5th MOVED, CLUSTERDOWN),
+    also one a command is connecting or writing on at that moment, which then
+    fails inside redis-py's connection module with ``AttributeError`` on the
+    writer it just lost. Told by type and by the module that raised it."""
+    if not isinstance(exc, AttributeError):
+        return False
+    tb, module = exc.__traceback__, None
+    while tb is not None:
+        module, tb = tb.tb_frame.f_globals.get("__name__"), tb.tb_next
+    return module in _CONNECTION_MODULES
 
 
 def classify(exc: BaseException) -> Fault:
@@ -130,6 +146,8 @@ def classify(exc: BaseException) -> Fault:
         if code in _TRANSIENT_CODES:
             return Fault.TRANSIENT
         return Fault.FATAL
+    if _torn_down_under_a_command(exc):
+        return Fault.TRANSIENT
     return Fault.FATAL
 
 

@@ -37,8 +37,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from conftest import spawn
-from redcurrent import Topic
-from redcurrent.keys import TopicKeys
+from redcurrent import Topic, TopicKeys
 
 STREAM = "orders"
 GROUP = "chaos"
@@ -196,7 +195,6 @@ async def finish(
             extra=run.extra,
         )
     )
-    print(result)
     for n, ok in enumerate(alive):
         assert ok, f"consumer c{n} stopped:\n" + run.log(f"c{n}").read_text()[-3000:]
     assert result.published == run.total
@@ -315,8 +313,17 @@ async def test_cluster_reshard(
         migrate(fillers[n : n + 5])
     migrate([STREAM])
     # While the rest of the slot is still on the source, every command on the
-    # stream is redirected with ASK: let consumers and producer meet it.
-    await until(lambda: redirects("ASK", source) >= 20, 30, "ASK redirections")
+    # stream is redirected with ASK. Hold that state until the producer got
+    # two chunks through it, or until clients have met ASK 200 times without
+    # (they fail, see ``moved_by_importing_target``).
+    moved_stream = time.monotonic()
+    through = run.published()
+    await until(
+        lambda: run.published() >= through + 100 or redirects("ASK", source) >= 200,
+        30,
+        "publishes through the ASK window, or many ASK redirections",
+    )
+    ask_window_s = time.monotonic() - moved_stream
     progress = run.published()
     for n in range(half, FILLERS, 5):
         migrate(fillers[n : n + 5])
@@ -339,7 +346,8 @@ async def test_cluster_reshard(
             # MOVED from the importing target before SETSLOT NODE: a command
             # that followed an ASK arrived there without its ASKING.
             "moved_by_importing_target": importing_moved,
-            "published_during_ask_window": progress - at,
+            "ask_window_s": round(ask_window_s, 2),
+            "published_during_ask_window": progress - through,
         }
     )
     run.faults.append(
