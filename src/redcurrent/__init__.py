@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._config import BatchConfig, CleanupPolicy, ConsumerConfig
+from ._config import BatchConfig, CleanupPolicy, ConsumerConfig, RetryPolicy
 from ._consumer import StreamConsumer
 from ._context import Context
 from ._keys import TopicKeys
@@ -29,6 +29,7 @@ from .errors import (
     NoHandlerError,
     PayloadTooLargeError,
     RedcurrentError,
+    Retry,
     StartTimeoutError,
     TopicGoneError,
     ValidationError,
@@ -54,6 +55,8 @@ __all__ = [
     "NoHandlerError",
     "PayloadTooLargeError",
     "RedcurrentError",
+    "Retry",
+    "RetryPolicy",
     "Router",
     "StartFrom",
     "StartTimeoutError",

@@ -16,7 +16,7 @@ from types import TracebackType
 import anyio
 import anyio.abc
 
-from ._config import BatchConfig, CleanupPolicy, ConsumerConfig
+from ._config import DEFAULT_RETRY, BatchConfig, CleanupPolicy, ConsumerConfig, RetryPolicy
 from ._context import Context
 from ._handlers import HandlerSpec
 from ._keys import TopicKeys, check_name
@@ -74,6 +74,7 @@ class StreamConsumer(Registrar):
         start_timeout: float = 30.0,
         recreate_group: bool = False,
         max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
     ) -> None:
         # Plain str names (a str enum becomes the value redis-py sends).
         config = ConsumerConfig(
@@ -93,6 +94,7 @@ class StreamConsumer(Registrar):
             start_timeout=start_timeout,
             recreate_group=recreate_group,
             max_payload_bytes=max_payload_bytes,
+            retry=retry,
         )
         self._setup(redis, config)
 

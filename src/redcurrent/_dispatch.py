@@ -6,8 +6,8 @@ worker's cancel scope lives across many messages and is replaced only when it
 is used to cancel one handler (a message stopped while it runs).
 
 The outcome of every message is decided here, in :meth:`Dispatcher._settle`
-and :meth:`Dispatcher._failed`: acknowledge, leave pending for a retry, or
-move to the dead-letter stream.
+and :meth:`Dispatcher._failed`: acknowledge, retry (kept here until due, or
+left pending for a claim), or move to the dead-letter stream.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ import anyio
 
 from ._batch import Batch, Batcher
 from ._codec import FIELD_TYPE, decode_message, decode_type, is_init_entry
+from ._config import RetryPolicy
 from ._dead import DeadLetterWriter
 from ._inflight import InFlight, Item
 from ._message import ConsumerStats, Message
+from ._retry import RetryTimer
 from ._routes import Route, RouteTable
-from .errors import BatchError, DecodeError, NoHandlerError, PayloadTooLargeError
+from .errors import BatchError, DecodeError, NoHandlerError, PayloadTooLargeError, Retry
 
 __all__ = ["Counters", "Dispatcher", "Slot"]
 
@@ -35,7 +37,7 @@ logger = logging.getLogger("redcurrent.consumer")
 
 
 class Counters:
-    __slots__ = ("claimed", "dead_lettered", "failed", "handled", "received")
+    __slots__ = ("claimed", "dead_lettered", "failed", "handled", "received", "retried")
 
     def __init__(self) -> None:
         self.received = 0
@@ -43,6 +45,7 @@ class Counters:
         self.failed = 0
         self.claimed = 0
         self.dead_lettered = 0
+        self.retried = 0
 
     def snapshot(self, running: int, held: int) -> ConsumerStats:
         return ConsumerStats(
@@ -50,6 +53,7 @@ class Counters:
             handled=self.handled,
             failed=self.failed,
             claimed=self.claimed,
+            retried=self.retried,
             dead_lettered=self.dead_lettered,
             running=running,
             held=held,
@@ -122,6 +126,7 @@ class Dispatcher:
         batcher: Batcher | None,
         is_stopped: Callable[[str], bool],
         max_payload_bytes: int | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.stream = stream
         self.router = router
@@ -135,6 +140,11 @@ class Dispatcher:
         #: entries heavier than this (field names and values, in bytes) are
         #: dead-lettered without being decoded; None: no limit.
         self.max_payload_bytes = max_payload_bytes
+        #: when failed messages run again, for handlers without a policy of
+        #: their own; None: left pending, retried after ``claim_idle``.
+        self.retry = retry
+        #: failed messages waiting here for their retry; ``run`` by the consumer.
+        self.retries = RetryTimer(inflight)
         self.queue: deque[Item | Batch] = deque()
         self.closing = False
         #: the workers' slots, one per running worker.
@@ -198,6 +208,14 @@ class Dispatcher:
         self.queue.append(batch)
         self._work.set()
 
+    def requeue(self, items: list[Item]) -> None:
+        """Retries whose time came go back to the workers (or their batch)."""
+        for item in items:
+            self._route(item, wake=False)
+        self.counters.received += len(items)
+        self.counters.retried += len(items)
+        self._work.set()
+
     def flush_batches(self) -> None:
         """Hand every open batch to the workers now, full or not."""
         if self.batcher is not None:
@@ -208,6 +226,7 @@ class Dispatcher:
         """No more intake: partial batches go to the workers, which finish
         what is already in memory, then exit."""
         self.closing = True
+        self.retries.close()
         self._work.set()
         self.flush_batches()
 
@@ -368,8 +387,9 @@ class Dispatcher:
             route = route or self.router.get(message_type)
             if route is None:
                 raise NoHandlerError(entry_id, message_type)
-            if count > self.max_deliveries and raw_id not in inflight.resumed:
-                reason = f"delivered {count} times, more than max_deliveries={self.max_deliveries}"
+            limit = route.max_deliveries or self.max_deliveries
+            if count > limit and raw_id not in inflight.resumed:
+                reason = f"delivered {count} times, more than max_deliveries={limit}"
                 logger.error(
                     "message %s %s; moving it to the dead letters",
                     entry_id,
@@ -395,28 +415,63 @@ class Dispatcher:
         inflight.release(raw_id)
 
     async def _failed(self, item: Item, exc: BaseException, route: Route) -> None:
-        """The one place that decides between a later retry and a dead letter."""
+        """The one place that decides what becomes of a failed delivery: a
+        dead letter after the last one allowed; else a retry, kept here until
+        its policy's delay (or the one :class:`Retry` asked for) has passed,
+        or, with no policy or no room to keep it, left pending for whichever
+        consumer claims it after ``claim_idle``."""
         raw_id, _, count = item
         self.counters.failed += 1
-        final = count >= self.max_deliveries
+        limit = route.max_deliveries or self.max_deliveries
+        asked = isinstance(exc, Retry)
         detail = str(exc) if isinstance(exc, Exception) else _OWN_CANCEL
-        logger.log(
-            logging.ERROR if final else logging.WARNING,
-            "handler %s failed on message %s (delivery %d of %d): %s: %s; %s",
+        entry_id = raw_id.decode()
+        if count >= limit:
+            logger.error(
+                "handler %s failed on message %s (delivery %d of %d): %s: %s; "
+                "moving it to the dead letters",
+                route.name,
+                entry_id,
+                count,
+                limit,
+                type(exc).__name__,
+                detail,
+                exc_info=None if asked else exc,
+                extra={"message_id": entry_id},
+            )
+            await self._bury(item, f"{type(exc).__name__}: {detail}", type(exc).__name__)
+            return
+        policy = route.retry or self.retry
+        delay = exc.delay if isinstance(exc, Retry) else None
+        if delay is None and policy is not None:
+            delay = policy.delay_for(count)
+        if delay is None or not self.retries.schedule(item, delay):
+            delay = None
+            self.inflight.release(raw_id)  # pending: claimed after claim_idle
+        when = "after claim_idle" if delay is None else f"in {delay:.2f}s"
+        if asked:
+            logger.info(
+                "handler %s asked to retry message %s (delivery %d of %d); retrying %s",
+                route.name,
+                entry_id,
+                count,
+                limit,
+                when,
+                extra={"message_id": entry_id},
+            )
+            return
+        logger.warning(
+            "handler %s failed on message %s (delivery %d of %d): %s: %s; retrying %s",
             route.name,
-            raw_id.decode(),
+            entry_id,
             count,
-            self.max_deliveries,
+            limit,
             type(exc).__name__,
             detail,
-            "moving it to the dead letters" if final else "it stays pending for a retry",
-            exc_info=exc if final or count == 1 else None,  # the traceback once per message
-            extra={"message_id": raw_id.decode()},
+            when,
+            exc_info=exc if count == 1 else None,  # the traceback once per message
+            extra={"message_id": entry_id},
         )
-        if final:
-            await self._bury(item, f"{type(exc).__name__}: {detail}", type(exc).__name__)
-        else:
-            self.inflight.release(raw_id)
 
     async def _bury(self, item: Item, reason: str, error_type: str) -> None:
         raw_id, fields, count = item

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from ._codec import check_message_type
+from ._config import RetryPolicy, check_retry
 from ._context import Context
 from ._message import Message
 from .errors import ConfigurationError
@@ -44,9 +45,11 @@ class HandlerSpec:
     __slots__ = (
         "batch",
         "fn",
+        "max_deliveries",
         "message_type",
         "model",
         "name",
+        "retry",
         "size",
         "takes_context",
         "timeout",
@@ -62,6 +65,8 @@ class HandlerSpec:
         size: int | None,
         timeout: float | None,
         takes_context: bool,
+        retry: RetryPolicy | None = None,
+        max_deliveries: int | None = None,
     ) -> None:
         self.message_type = message_type
         self.fn = fn
@@ -70,6 +75,9 @@ class HandlerSpec:
         self.size = size
         self.timeout = timeout
         self.takes_context = takes_context
+        #: this handler's own retry policy and limit (None: the consumer's).
+        self.retry = retry
+        self.max_deliveries = max_deliveries
         self.name: str = getattr(fn, "__qualname__", None) or repr(fn)
 
 
@@ -82,6 +90,8 @@ def handler_spec(
     size: int | None = None,
     timeout: float | None = None,
     localns: Mapping[str, Any] | None = None,
+    retry: RetryPolicy | None = None,
+    max_deliveries: int | None = None,
 ) -> HandlerSpec:
     """Check ``fn`` as a handler of ``message_type`` and find its model.
 
@@ -101,6 +111,16 @@ def handler_spec(
         raise ConfigurationError(f"batch size for {message_type!r} must be >= 1, got {size}")
     if timeout is not None and timeout <= 0:
         raise ConfigurationError(f"batch timeout for {message_type!r} must be > 0")
+    check_retry(retry)
+    if max_deliveries is not None and (
+        isinstance(max_deliveries, bool)
+        or not isinstance(max_deliveries, int)
+        or max_deliveries < 1
+    ):
+        raise ConfigurationError(
+            f"max_deliveries for {message_type!r} must be None or an int >= 1, "
+            f"got {max_deliveries!r}"
+        )
     params = _parameters(fn)
     takes_context = False
     if params is not None:
@@ -127,6 +147,8 @@ def handler_spec(
         size=size,
         timeout=timeout,
         takes_context=takes_context,
+        retry=retry,
+        max_deliveries=max_deliveries,
     )
 
 

@@ -3,7 +3,10 @@
 Every entry the reader or the claimer hands in is *held* (leased to this
 consumer) until the dispatcher settles it. Held entries, the room promised to
 reads and claims in flight, and acknowledgements not sent yet together count
-against ``prefetch``; stopped messages are *parked* aside and do not. This is
+against ``prefetch``; stopped messages are *parked* aside and do not. Failed
+messages *waiting* for their retry stay held and count, up to half of
+``prefetch``, and the thresholds that wake the reader are taken from the rest,
+so that waiting retries never stall new reads. This is
 the one place that state lives: the dispatcher, the reader and claimer, the
 acker, the lease keeper, the recounter and ``stats`` all read and change it
 here, and none of them reaches into another.
@@ -46,6 +49,9 @@ class InFlight:
         #: stopped messages held aside until resumed; held (leased) but not
         #: counted against ``prefetch``, so they never stall the intake.
         self.parked: dict[bytes, Item] = {}
+        #: failed messages waiting for their retry, with their due time (see
+        #: ``_retry``): held (leased) and counted against ``prefetch``.
+        self.waiting: dict[bytes, tuple[Item, float]] = {}
         #: resumed messages: deliveries made while they were stopped do not count.
         self.resumed: set[bytes] = set()
         #: room promised to reads and claims in flight (see :meth:`reserve`).
@@ -73,6 +79,14 @@ class InFlight:
     def free(self) -> int:
         return self.prefetch - self.active - self.reserved - self.unacked
 
+    def _half(self) -> int:
+        """Half the room that is not taken by waiting retries: the unit the
+        reader is woken and reads by. Taken from ``prefetch`` alone, a budget
+        half full of waiting retries would keep the reader asleep until every
+        running handler finished."""
+        budget = self.prefetch - len(self.waiting)
+        return budget - budget // 2
+
     def acked(self, n: int) -> None:
         """``n`` acknowledgements are on their way (``-n``: they failed and
         are waiting again): their room is free again."""
@@ -95,7 +109,7 @@ class InFlight:
         """
         if self._space_waiters:
             await anyio.lowlevel.checkpoint()
-        half = self.prefetch - self.prefetch // 2
+        half = self._half()
         if reader and self.batch_wait > 0 and 0 < self._room(reader) < half and self.active:
             # Read in large batches: while handlers are busy, give them a moment
             # to free half the budget (the wake-up threshold) rather than read a
@@ -140,7 +154,8 @@ class InFlight:
         # Only a budget more than half full makes the reader count on the
         # acknowledgements it would send ahead of its read (free() < 0 after it
         # reserved tells it so); with room to spare a lone read is cheaper.
-        return room if room >= self.prefetch // 2 else room + self.unacked
+        budget = self.prefetch - len(self.waiting)
+        return room if room >= budget // 2 else room + self.unacked
 
     def unreserve(self, n: int) -> None:
         self.reserved -= n
@@ -151,7 +166,7 @@ class InFlight:
         # consumer reads in large batches instead of one entry at a time.
         if not self._space_waiters:
             return
-        half = self.prefetch - self.prefetch // 2
+        half = self._half()
         # The reader sends waiting acknowledgements ahead of its read: their
         # room counts as free for it.
         room = self.free() + self.unacked
@@ -164,6 +179,8 @@ class InFlight:
     def release(self, raw_id: bytes) -> None:
         """An entry is settled (acknowledged, dead-lettered, left for a retry)."""
         self.held.discard(raw_id)
+        if self.waiting:
+            self.waiting.pop(raw_id, None)
         if self.resumed:
             self.resumed.discard(raw_id)
         if self.lost:
@@ -183,10 +200,37 @@ class InFlight:
         still = [raw_id for raw_id in ids if raw_id in self.held]
         for raw_id in still:
             parked = self.parked.pop(raw_id, None) is not None
+            parked |= self.waiting.pop(raw_id, None) is not None
             self.release(raw_id)
             if not parked:
                 self.lost.add(raw_id)  # still in the queue, a batch or a handler
         return still
+
+    # -- waiting for a retry ----------------------------------------------------------
+    def wait_retry(self, item: Item, due: float) -> bool:
+        """Keep a failed message, held, until ``due``; False when it is no
+        longer held or half of ``prefetch`` already waits (it is then left
+        pending, for a claim after ``claim_idle``)."""
+        raw_id = item[0]
+        if raw_id not in self.held or len(self.waiting) >= self.prefetch // 2:
+            return False
+        self.waiting[raw_id] = (item, due)
+        if self._space_waiters:
+            self._signal_space()  # the reader's threshold just went down
+        return True
+
+    def retry_due(self, raw_id: bytes, due: float) -> Item | None:
+        """A waiting retry whose time came: the item for its next delivery,
+        whose count is written to the group's PEL as for a resumed message;
+        None if it no longer waits for this due time (lost meanwhile)."""
+        waiting = self.waiting.get(raw_id)
+        if waiting is None or waiting[1] != due:
+            return None
+        del self.waiting[raw_id]
+        item, _ = waiting
+        count = item[2] + 1
+        self._recount_to(raw_id, count)
+        return (raw_id, item[1], count)
 
     # -- stopped and resumed ------------------------------------------------------
     def set_aside(self, item: Item) -> None:

@@ -74,13 +74,16 @@ class ConsumerStats(msgspec.Struct, frozen=True, kw_only=True):
     """A snapshot of a consumer's counters since it started."""
 
     received: int = 0
-    """Entries delivered to this consumer (read, recovered or claimed)."""
+    """Entries delivered to this consumer (read, recovered, claimed or retried)."""
     handled: int = 0
     """Messages whose handler finished without error (acknowledged)."""
     failed: int = 0
     """Handler invocations that raised (the message stays pending)."""
     claimed: int = 0
     """Entries taken over from idle consumers with XAUTOCLAIM."""
+    retried: int = 0
+    """Failed messages this consumer kept and delivered again itself, after
+    their :class:`RetryPolicy` delay."""
     dead_lettered: int = 0
     """Entries moved to the dead-letter stream."""
     running: int = 0

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
+from ._config import RetryPolicy
 from ._context import Context
 from ._handlers import HandlerSpec, handler_spec
 from ._message import Message
@@ -106,12 +107,40 @@ class Registrar:
         raise NotImplementedError
 
     @overload
-    def handler(self, message_type: str, model: type[T]) -> HandlerDecorator[T]: ...
+    def handler(
+        self,
+        message_type: str,
+        model: type[T],
+        *,
+        retry: RetryPolicy | None = None,
+        max_deliveries: int | None = None,
+    ) -> HandlerDecorator[T]: ...
     @overload
-    def handler(self, message_type: str, model: None = None) -> AnyHandlerDecorator: ...
+    def handler(
+        self,
+        message_type: str,
+        model: None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        max_deliveries: int | None = None,
+    ) -> AnyHandlerDecorator: ...
     @overload
-    def handler(self, message_type: str, model: object) -> HandlerDecorator[Any]: ...
-    def handler(self, message_type: str, model: Any = None) -> Any:
+    def handler(
+        self,
+        message_type: str,
+        model: object,
+        *,
+        retry: RetryPolicy | None = None,
+        max_deliveries: int | None = None,
+    ) -> HandlerDecorator[Any]: ...
+    def handler(
+        self,
+        message_type: str,
+        model: Any = None,
+        *,
+        retry: RetryPolicy | None = None,
+        max_deliveries: int | None = None,
+    ) -> Any:
         """Register ``async def fn(msg: Message[M]) -> None`` for a message type
         (``"*"``: every type without a handler of its own).
 
@@ -121,10 +150,20 @@ class Registrar:
         required second parameter gets the consumer's :class:`Context`. A handler
         that cannot take a message, or a model msgspec cannot decode, raises
         :class:`ConfigurationError` here.
+
+        ``retry`` (a :class:`RetryPolicy`) and ``max_deliveries`` replace the
+        consumer's for this handler's messages.
         """
 
         def register(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            spec = handler_spec(message_type, fn, model, localns=_registering_scope())
+            spec = handler_spec(
+                message_type,
+                fn,
+                model,
+                localns=_registering_scope(),
+                retry=retry,
+                max_deliveries=max_deliveries,
+            )
             self._add_spec(spec)
             return fn
 
@@ -138,6 +177,8 @@ class Registrar:
         timeout: float | None = None,
         *,
         model: type[T],
+        retry: RetryPolicy | None = None,
+        max_deliveries: int | None = None,
     ) -> BatchHandlerDecorator[T]: ...
     @overload
     def batch_handler(
@@ -146,6 +187,9 @@ class Registrar:
         size: int | None = None,
         timeout: float | None = None,
         model: None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        max_deliveries: int | None = None,
     ) -> AnyBatchHandlerDecorator: ...
     @overload
     def batch_handler(
@@ -155,6 +199,8 @@ class Registrar:
         timeout: float | None = None,
         *,
         model: object,
+        retry: RetryPolicy | None = None,
+        max_deliveries: int | None = None,
     ) -> BatchHandlerDecorator[Any]: ...
     def batch_handler(
         self,
@@ -162,13 +208,17 @@ class Registrar:
         size: int | None = None,
         timeout: float | None = None,
         model: Any = None,
+        *,
+        retry: RetryPolicy | None = None,
+        max_deliveries: int | None = None,
     ) -> Any:
         """Register ``async def fn(msgs: list[Message[M]]) -> None`` for a type.
 
         It gets up to ``size`` messages (default: ``BatchConfig.size``), or
         fewer once the oldest waited ``timeout`` seconds. Raise
         :class:`BatchError` naming failed ids to acknowledge the others. The
-        model and the optional :class:`Context` work as for :meth:`handler`.
+        model, the optional :class:`Context`, ``retry`` and ``max_deliveries``
+        work as for :meth:`handler` (a retry runs the message in a later batch).
         """
 
         def register(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -180,24 +230,57 @@ class Registrar:
                 size=size,
                 timeout=timeout,
                 localns=_registering_scope(),
+                retry=retry,
+                max_deliveries=max_deliveries,
             )
             self._add_spec(spec)
             return fn
 
         return register
 
-    def register(self, obj: HandlerObject, model: type[Any] | None = None) -> None:
-        """Register an object with ``message_type`` and ``async handle(msg)``."""
+    def register(
+        self,
+        obj: HandlerObject,
+        model: type[Any] | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        max_deliveries: int | None = None,
+    ) -> None:
+        """Register an object with ``message_type`` and ``async handle(msg)``
+        (``retry`` and ``max_deliveries`` as for :meth:`handler`)."""
         locals_ = sys._getframe(1).f_locals
-        self._add_spec(handler_spec(obj.message_type, obj.handle, model, localns=locals_))
+        self._add_spec(
+            handler_spec(
+                obj.message_type,
+                obj.handle,
+                model,
+                localns=locals_,
+                retry=retry,
+                max_deliveries=max_deliveries,
+            )
+        )
 
-    def register_batch(self, obj: BatchHandlerObject, model: type[Any] | None = None) -> None:
+    def register_batch(
+        self,
+        obj: BatchHandlerObject,
+        model: type[Any] | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        max_deliveries: int | None = None,
+    ) -> None:
         """Register an object with ``message_type``, ``batch_size`` (0: the
         consumer's default) and ``async handle_batch(msgs)``."""
         size = obj.batch_size or None
         locals_ = sys._getframe(1).f_locals
         spec = handler_spec(
-            obj.message_type, obj.handle_batch, model, batch=True, size=size, localns=locals_
+            obj.message_type,
+            obj.handle_batch,
+            model,
+            batch=True,
+            size=size,
+            localns=locals_,
+            retry=retry,
+            max_deliveries=max_deliveries,
         )
         self._add_spec(spec)
 

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ._codec import PayloadDecoder, payload_decoder
+from ._config import RetryPolicy
 from ._context import Context
 from ._handlers import HandlerSpec, handler_spec
 from ._message import Message
@@ -39,7 +40,7 @@ class BatchHandlerObject(Protocol):
 class Route:
     """One registered handler with what it needs to run: decoder and batching."""
 
-    __slots__ = ("batch", "decoder", "fn", "name", "size", "timeout")
+    __slots__ = ("batch", "decoder", "fn", "max_deliveries", "name", "retry", "size", "timeout")
 
     def __init__(self, spec: HandlerSpec, context: Context | None) -> None:
         #: what the dispatcher calls with the message (or list of messages).
@@ -49,6 +50,8 @@ class Route:
         self.size = spec.size
         self.timeout = spec.timeout
         self.name = spec.name
+        self.retry = spec.retry
+        self.max_deliveries = spec.max_deliveries
 
 
 def _bind(spec: HandlerSpec, context: Context | None) -> Callable[[Any], Awaitable[Any]]:
@@ -82,8 +85,21 @@ class RouteTable:
         batch: bool = False,
         size: int | None = None,
         timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        max_deliveries: int | None = None,
     ) -> None:
-        self.include(handler_spec(message_type, fn, model, batch=batch, size=size, timeout=timeout))
+        self.include(
+            handler_spec(
+                message_type,
+                fn,
+                model,
+                batch=batch,
+                size=size,
+                timeout=timeout,
+                retry=retry,
+                max_deliveries=max_deliveries,
+            )
+        )
 
     def include(self, spec: HandlerSpec) -> None:
         message_type = spec.message_type

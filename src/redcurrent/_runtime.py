@@ -160,6 +160,7 @@ class Runtime:
             batcher=batcher,
             is_stopped=control.is_stopped,
             max_payload_bytes=settings.max_payload_bytes,
+            retry=settings.retry,
         )
         self.dispatcher = dispatcher
         started = False
@@ -177,6 +178,7 @@ class Runtime:
                 services.start_soon(self._guard, lease.run)
                 recounter = Recounter(member, inflight)
                 services.start_soon(self._guard, recounter.run)
+                services.start_soon(self._guard, dispatcher.retries.run, dispatcher.requeue)
                 services.start_soon(
                     self._guard, prune_idle_consumers, member, settings.consumer_idle_timeout
                 )

@@ -15,6 +15,7 @@ its own bugs::
     │   └── ValidationError     its payload does not fit the handler's ``model``
     ├── NoHandlerError          no handler for the entry's type
     ├── BatchError              raised by a batch handler to name the failed ids
+    ├── Retry                   raised by a handler to ask for a later delivery
     └── TopicGoneError          the stream or the consumer group no longer exists
 
 Errors that come from Redis itself (connection loss, ``LOADING`` ...) are not
@@ -40,6 +41,7 @@ __all__ = [
     "NoHandlerError",
     "PayloadTooLargeError",
     "RedcurrentError",
+    "Retry",
     "StartTimeoutError",
     "TopicGoneError",
     "ValidationError",
@@ -192,6 +194,33 @@ class BatchError(RedcurrentError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.failed_ids, str(self)))
+
+
+class Retry(RedcurrentError):
+    """Raised by a handler to have its message delivered again later: not a
+    failure to log as one, but a delivery all the same.
+
+    The message runs again after ``delay`` seconds, or after the handler's
+    :class:`RetryPolicy` delay when ``delay`` is None. It counts towards
+    ``max_deliveries`` like a failure, so a message that keeps asking ends in
+    the dead letters with this as its last error. Raised by a batch handler,
+    it retries every message of the batch.
+    """
+
+    def __init__(self, delay: float | None = None) -> None:
+        if delay is not None and (
+            isinstance(delay, bool)
+            or not isinstance(delay, int | float)
+            or not 0 <= delay < float("inf")
+        ):
+            raise ConfigurationError(
+                f"Retry delay must be None or finite seconds >= 0, got {delay!r}"
+            )
+        self.delay = delay
+        super().__init__("retry requested" if delay is None else f"retry requested in {delay:g}s")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.delay,))
 
 
 class TopicGoneError(RedcurrentError):
