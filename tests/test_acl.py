@@ -199,6 +199,8 @@ async def test_a_permission_only_scripts_use_fails_the_consumer_at_once(
 TOPIC_CALLS: dict[str, Callable[[Topic], Awaitable[Any]]] = {
     "publish": lambda t: t.publish("job", {"n": 1}),
     "publish_many": lambda t: t.publish_many([("job", {"n": 1})]),
+    "publish keyed": lambda t: t.publish("job", {"n": 1}, idempotency_key="k"),
+    "publish_many keyed": lambda t: t.publish_many([("job", {"n": 1}, None, "k")]),
     "stop_message": lambda t: t.stop_message("1-0"),
     "resume_message": lambda t: t.resume_message("1-0"),
     "info": lambda t: t.info(),
@@ -284,3 +286,18 @@ async def test_permissions_revoked_under_a_running_consumer_fail_it(
     finally:
         await client.aclose()
         await admin.aclose()
+
+
+async def test_the_readme_rule_is_enough_for_idempotent_publish(acl_server: RedisServer) -> None:
+    client = _client(acl_server, USER, PASSWORD)
+    try:
+        topic = Topic(client, STREAM)
+        first = await topic.publish("job", {"n": 1}, idempotency_key="order-42")
+        ids = await topic.publish_many(
+            [("job", {"n": 2}, None, "order-42"), ("job", {}, None, "b")]
+        )
+        assert ids[0] == first
+        assert (await topic.info()).length == 2
+        await topic.terminate()
+    finally:
+        await client.aclose()

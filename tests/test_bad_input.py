@@ -718,7 +718,22 @@ BAD_CALLS: list[Any] = [
     pytest.param(lambda t: t.publish_many([3]), ConfigurationError, "item 0", id="many-int-item"),
     pytest.param(lambda t: t.publish_many([("t",)]), ConfigurationError, "item 0", id="many-1"),
     pytest.param(
-        lambda t: t.publish_many([("t", 1, None, 2)]), ConfigurationError, "4 values", id="many-4"
+        lambda t: t.publish_many([("t", 1, None, "k", 2)]),
+        ConfigurationError,
+        "5 values",
+        id="many-5",
+    ),
+    pytest.param(
+        lambda t: t.publish_many([("t", 1, None, 2)]),
+        ConfigurationError,
+        "item 0: idempotency_key",
+        id="many-key-int",
+    ),
+    pytest.param(
+        lambda t: t.publish("t", 1, idempotency_key=""),
+        ConfigurationError,
+        "idempotency_key",
+        id="key-empty",
     ),
     pytest.param(
         lambda t: t.publish_many([("ok", 1), ("", 1)]), ConfigurationError, "item 1", id="many-type"

@@ -146,6 +146,22 @@ async def test_stop_resume_cleanup_and_terminate_on_a_cluster(cluster: RedisClus
     assert await cluster.exists(*topic.keys.owned()) == 0
 
 
+@pytest.mark.parametrize("stream", ["orders", "app{tenant-7}:orders"])
+async def test_idempotent_publish_on_a_cluster(cluster: RedisCluster, stream: str) -> None:
+    """Memory and epoch keys share the stream's slot: the script runs (no CROSSSLOT)."""
+    topic = Topic(cluster, stream)
+    first = await topic.publish("job", {}, idempotency_key="order-42")
+    ids = await topic.publish_many([("job", {}, None, "order-42"), ("job", {}, None, "b")])
+    assert ids[0] == first
+    assert await cluster.xlen(stream) == 2
+    want = key_slot(stream.encode())
+    for key in (topic.keys.idempotency("order-42"), topic.keys.idempotency_epoch):
+        assert key_slot(key.encode()) == want
+        assert await cluster.exists(key) == 1
+    await topic.terminate()
+    assert await cluster.exists(topic.keys.idempotency_epoch) == 0
+
+
 BINARY: dict[bytes, bytes] = {
     b"type": b"\xffbin\xfe",
     b"data": b'{"a":"\xc3\x28"}',

@@ -76,6 +76,7 @@ def test_owned_lists_every_key() -> None:
         keys.dead_letters,
         keys.stopped,
         keys.cleanup_lock,
+        keys.idempotency_epoch,
     }
     assert keys.control_channel not in keys.owned()
     assert repr(keys) == "TopicKeys('orders')"

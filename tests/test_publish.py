@@ -256,7 +256,7 @@ async def test_publish_many_on_a_wrong_type_key(redis_client: redis.asyncio.Redi
     assert await redis_client.get("orders") == b"not a stream"
 
 
-@pytest.mark.parametrize("item", [("t",), ("t", {}, None, "extra"), ()])
+@pytest.mark.parametrize("item", [("t",), ("t", {}, None, "key", "extra"), ()])
 async def test_publish_many_rejects_malformed_items(
     redis_client: redis.asyncio.Redis, item: tuple[Any, ...]
 ) -> None:

@@ -87,7 +87,16 @@ class TopicKeys:
     alike (``orders`` and ``x{orders}``) never share a key.
     """
 
-    __slots__ = ("cleanup_lock", "control_channel", "dead_letters", "stopped", "stream", "tag")
+    __slots__ = (
+        "_base",
+        "cleanup_lock",
+        "control_channel",
+        "dead_letters",
+        "idempotency_epoch",
+        "stopped",
+        "stream",
+        "tag",
+    )
 
     stream: str
     """The stream's own name."""
@@ -101,19 +110,40 @@ class TopicKeys:
     """The lock that lets one cleaner run at a time."""
     control_channel: str
     """The pub/sub channel of stop, resume and terminate notices."""
+    idempotency_epoch: str
+    """The marker idempotent publishes remember their keys under; terminate
+    deletes it, which makes every remembered key of the topic stale."""
 
     def __init__(self, stream: str) -> None:
         self.stream = stream = check_name(stream, "a stream name")
         self.tag = hash_tag(stream)
-        base = f"{_PREFIX}:{self.tag}:{stream}"
+        base = self._base = f"{_PREFIX}:{self.tag}:{stream}"
         self.dead_letters = f"{base}:dead"
         self.stopped = f"{base}:stopped"
         self.cleanup_lock = f"{base}:cleanup-lock"
         self.control_channel = f"{base}:control"
+        self.idempotency_epoch = f"{base}:idempotency-epoch"
 
     def owned(self) -> tuple[str, ...]:
         """Every key (not channel) the library may create for this topic, stream first."""
-        return (self.stream, self.dead_letters, self.stopped, self.cleanup_lock)
+        return (
+            self.stream,
+            self.dead_letters,
+            self.stopped,
+            self.cleanup_lock,
+            self.idempotency_epoch,
+        )
+
+    def idempotency(self, key: str) -> str:
+        """The string that remembers the entry id published with idempotency ``key``.
+
+        Ends with the key's UTF-8 length so that no (stream, key) pair names
+        the key of another pair or of another stream sharing the hash tag,
+        whatever colons the names hold (``a{b}`` with key ``x:idem:y`` and
+        ``a{b}:idem:x`` with key ``y`` differ). These are not in
+        :meth:`owned`: they expire by themselves (see ``idempotency_epoch``).
+        """
+        return f"{self._base}:idem:{key}:{len(key.encode())}"
 
     def __repr__(self) -> str:
         return f"TopicKeys({self.stream!r})"

@@ -19,6 +19,7 @@ __all__ = [
     "TERMINATE",
     "SET_DELIVERY_COUNTS",
     "PUBLISH_MANY",
+    "PUBLISH_IDEMPOTENT",
     "DEAD_LETTER",
     "DEAD_LETTER_ESCAPE_PREFIX",
     "DEAD_LETTER_FIELD_PREFIX",
@@ -173,6 +174,55 @@ else
     n = n + 1
     ids[n] = redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '*',
                         'type', ARGV[i], 'data', ARGV[i + 1], 'metadata', ARGV[i + 2])
+  end
+end
+return ids
+"""
+
+# KEYS: stream, epoch marker, then one memory key per message that has an
+# idempotency key, in message order. ARGV: MAXLEN or "", window in ms, then
+# (type, data, metadata, "1" keyed | "0" not) quads. A keyed message whose
+# memory holds "<epoch> <id>" of the current epoch answers that id instead of
+# appending; otherwise it is appended and remembered for the window (SET PX),
+# in the same atomic call. ``terminate`` deletes the marker: memory written
+# before it names another epoch and is ignored until it expires. Duplicates
+# inside one call find the memory the first one just wrote. See _idempotency.
+PUBLISH_IDEMPOTENT: Final = """
+local stream = KEYS[1]
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  local now = redis.call('TIME')
+  epoch = now[1] .. '.' .. now[2]
+  redis.call('SET', KEYS[2], epoch)
+end
+local ids = {}
+local k = 2
+local n = 0
+for i = 3, #ARGV, 4 do
+  n = n + 1
+  local memory = false
+  if ARGV[i + 3] == '1' then
+    k = k + 1
+    memory = KEYS[k]
+    local seen = redis.call('GET', memory)
+    if seen then
+      local at = string.find(seen, ' ', 1, true)
+      if at and string.sub(seen, 1, at - 1) == epoch then
+        ids[n] = string.sub(seen, at + 1)
+      end
+    end
+  end
+  if not ids[n] then
+    if ARGV[1] == '' then
+      ids[n] = redis.call('XADD', stream, '*',
+                          'type', ARGV[i], 'data', ARGV[i + 1], 'metadata', ARGV[i + 2])
+    else
+      ids[n] = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '*',
+                          'type', ARGV[i], 'data', ARGV[i + 1], 'metadata', ARGV[i + 2])
+    end
+    if memory then
+      redis.call('SET', memory, epoch .. ' ' .. ids[n], 'PX', ARGV[2])
+    end
   end
 end
 return ids

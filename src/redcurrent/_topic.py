@@ -10,6 +10,7 @@ from . import _cleanup, _control, _dead, _info
 from ._codec import ENCODE_FAILURES, check_message_type, data_error, encode_data, encode_metadata
 from ._config import CleanupPolicy
 from ._faults import denials_explained
+from ._idempotency import DEFAULT_IDEMPOTENCY_WINDOW, IdempotentSender, check_key, check_window
 from ._ids import normalize_id
 from ._keys import TopicKeys, check_name
 from ._limits import DEFAULT_MAX_PAYLOAD_BYTES, FIELD_NAME_BYTES, check_limit
@@ -23,7 +24,11 @@ if TYPE_CHECKING:
 
 __all__ = ["PublishItem", "Topic"]
 
-PublishItem = tuple[str, Any] | tuple[str, Any, Mapping[str, str] | None]
+PublishItem = (
+    tuple[str, Any]
+    | tuple[str, Any, Mapping[str, str] | None]
+    | tuple[str, Any, Mapping[str, str] | None, str | None]
+)
 
 #: The most messages :meth:`Topic.publish_many` appends in one round trip.
 PUBLISH_CHUNK = 1000
@@ -51,6 +56,9 @@ class Topic:
     Consumers weigh what they read the same way
     (``StreamConsumer(max_payload_bytes=...)``).
 
+    ``idempotency_window`` (seconds, 24 h) is how long a publish with an
+    ``idempotency_key`` is remembered (see :meth:`publish`).
+
     Every method checks its arguments before touching Redis and answers a
     bad one with a :class:`~redcurrent.ConfigurationError` naming it (its
     subclasses :class:`~redcurrent.EncodeError` for data or metadata that
@@ -63,6 +71,7 @@ class Topic:
         name: str,
         *,
         max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES,
+        idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW,
     ) -> None:
         name = check_name(name, "a topic's stream name")
         self._redis = check_client(redis, "Topic")
@@ -70,6 +79,9 @@ class Topic:
         self.keys: TopicKeys = TopicKeys(name)
         self.max_payload_bytes: int | None = check_limit(max_payload_bytes)
         self._publish_script: AsyncScript | None = None
+        window_ms = check_window(idempotency_window)
+        self.idempotency_window: float = idempotency_window
+        self._idempotent = IdempotentSender(self._redis, self.keys, window_ms)
 
     @property
     def redis(self) -> AnyRedis:
@@ -128,8 +140,19 @@ class Topic:
         metadata: Mapping[str, str] | None = None,
         *,
         maxlen: int | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
         """Append one message; returns its entry id.
+
+        With ``idempotency_key`` (a non-empty str), a message published with
+        the same key within ``idempotency_window`` is not appended again: the
+        call returns the first one's id (one script checks, appends and
+        remembers, atomically; concurrent publishes of one key append once).
+        Such a publish is safe to repeat, so it retries transient faults
+        (connection lost or timed out, ``LOADING``, ``READONLY``, failover)
+        by itself, a few times within about 2 s. Without a key nothing is
+        retried: a caller that retries after a lost reply may append the
+        message twice (docs/guarantees.md, "What may be duplicated").
 
         ``maxlen`` caps the stream approximately (``XADD MAXLEN ~``). That cap
         does not care whether entries were processed: it can drop messages no
@@ -142,6 +165,12 @@ class Topic:
         ``metadata`` that is not a mapping of str to str, and
         :class:`PayloadTooLargeError` above ``max_payload_bytes``.
         """
+        if idempotency_key is not None:
+            entry = self._entry(message_type, data, metadata)
+            key = check_key(idempotency_key)
+            head = b"" if maxlen is None else str(_check_maxlen(maxlen)).encode()
+            with self._denials("publish"):
+                return (await self._idempotent.send(head, entry, [key]))[0]
         args = self._xadd_args(message_type, data, metadata, maxlen)
         with self._denials("XADD"):
             entry_id = await self._redis.execute_command(*args)
@@ -152,7 +181,11 @@ class Topic:
     ) -> list[str]:
         """Append many messages in chunks; returns their ids in order.
 
-        Items are ``(type, data)`` or ``(type, data, metadata)``. Each chunk
+        Items are ``(type, data)``, ``(type, data, metadata)`` or ``(type,
+        data, metadata, idempotency_key)`` (the key may be None): a keyed item
+        behaves as :meth:`publish` with that key, also against an earlier
+        item of the same call. A chunk whose items all have keys retries
+        transient faults as :meth:`publish` does. Each chunk
         (up to :data:`PUBLISH_CHUNK` messages or about
         :data:`PUBLISH_CHUNK_BYTES` of payload) is one script call that appends
         its messages in order, so a chunk is written whole or, if the server
@@ -173,35 +206,54 @@ class Topic:
             ) from None
         ids: list[str] = []
         args: list[Any] = [head]
+        keys: list[str | None] = []
+        keyed = False
         size = 0
         limit = 1 + 3 * PUBLISH_CHUNK
         entry = self._entry
         for index, item in enumerate(iterator):
             if item.__class__ is not tuple and not isinstance(item, tuple | list):
                 raise ConfigurationError(
-                    f"publish_many item {index}: expected a (type, data) or (type, data, "
-                    f"metadata) tuple, got {item.__class__.__name__} {_short(item)}"
+                    f"publish_many item {index}: expected a (type, data), (type, data, "
+                    "metadata) or (type, data, metadata, idempotency_key) tuple, got "
+                    f"{item.__class__.__name__} {_short(item)}"
                 )
+            key = None
             if len(item) == 2:
                 message_type, data = item
                 metadata = None
             elif len(item) == 3:
                 message_type, data, metadata = item
+            elif len(item) == 4:
+                message_type, data, metadata, key = item
             else:
                 raise ConfigurationError(
-                    f"publish_many item {index}: items are (type, data) or (type, data, "
-                    f"metadata), got {len(item)} values: {_short(item)}"
+                    f"publish_many item {index}: items are (type, data), (type, data, "
+                    f"metadata) or (type, data, metadata, idempotency_key), got {len(item)} "
+                    f"values: {_short(item)}"
                 )
             raw_type, body, meta = entry(message_type, data, metadata, index)
+            if key is not None:
+                key = check_key(key, _where(index))
+                keyed = True
             args += (raw_type, body, meta)
+            keys.append(key)
             size += len(body) + len(meta)
             if len(args) >= limit or size >= PUBLISH_CHUNK_BYTES:
-                ids += await self._send(args)
+                ids += await self._send_chunk(args, keys, keyed)
                 args = [head]
+                keys = []
+                keyed = False
                 size = 0
         if len(args) > 1:
-            ids += await self._send(args)
+            ids += await self._send_chunk(args, keys, keyed)
         return ids
+
+    async def _send_chunk(self, args: list[Any], keys: list[str | None], keyed: bool) -> list[str]:
+        if not keyed:
+            return await self._send(args)
+        with self._denials("publish_many"):
+            return await self._idempotent.send(args[0], args[1:], keys)
 
     async def _send(self, args: list[Any]) -> list[str]:
         script = self._publish_script
