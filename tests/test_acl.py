@@ -288,6 +288,58 @@ async def test_permissions_revoked_under_a_running_consumer_fail_it(
         await admin.aclose()
 
 
+async def test_the_readme_rule_is_enough_for_scheduled_messages(acl_server: RedisServer) -> None:
+    client = _client(acl_server, USER, PASSWORD)
+    try:
+        topic = Topic(client, STREAM)
+        seen = Recorder()
+        consumer = StreamConsumer(client, STREAM, GROUP, "c1", start=StartFrom.EARLIEST)
+        consumer.handler("job")(seen)
+        later = await topic.publish("job", {"n": 1}, delay=3600)
+        await topic.publish_many([("job", {"n": 2})], delay=0)
+        async with consumer:
+            await topic.publish("job", {"n": 3}, delay=0.1)
+            await seen.wait_for(2, timeout=10)
+            assert (await topic.info()).scheduled == 1
+            assert await topic.cancel_scheduled(later) is True
+            await topic.terminate()
+            assert await consumer.done() == "terminated"
+        assert sorted(m.data["n"] for m in seen.messages) == [2, 3]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.redis_min("7.0")
+async def test_scheduling_and_moving_without_their_permissions_are_refused_at_once(
+    acl_server: RedisServer,
+) -> None:
+    """A user without ZADD schedules nothing (refused before any write); a
+    consumer whose user may not move scheduled messages fails at start-up."""
+    admin = redis.asyncio.Redis.from_url(acl_server.url)
+    rule: list[Any] = [
+        word for word in README_RULE if acl_server.version >= (7, 2) or word != SETINFO
+    ]
+    for command in ("zadd", "zrangebyscore"):
+        await admin.execute_command(
+            "ACL", "SETUSER", f"no-{command}", *rule, f"-{command}", "resetpass", ">x"
+        )
+    no_zadd = _client(acl_server, "no-zadd", "x")
+    no_move = _client(acl_server, "no-zrangebyscore", "x")
+    try:
+        with anyio.fail_after(10):
+            with pytest.raises(AccessDeniedError):
+                await Topic(no_zadd, STREAM).publish("job", {"n": 1}, delay=1)
+            assert (await Topic(admin, STREAM).info()).scheduled == 0
+            consumer = StreamConsumer(no_move, STREAM, GROUP, "c1", start_timeout=60)
+            consumer.handler("job")(Recorder())
+            with pytest.raises(AccessDeniedError, match="scheduled"):
+                async with consumer:
+                    pytest.fail("a consumer that may not move scheduled messages must not start")
+    finally:
+        for client in (no_zadd, no_move, admin):
+            await client.aclose()
+
+
 async def test_the_readme_rule_is_enough_for_idempotent_publish(acl_server: RedisServer) -> None:
     client = _client(acl_server, USER, PASSWORD)
     try:

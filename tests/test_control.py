@@ -215,6 +215,7 @@ async def test_terminate_deletes_every_owned_key_and_notifies(redis_client: ared
     await topic.publish("email", {"to": "d"}, idempotency_key="k")  # the idempotency epoch
     # What a key remembers is not owned: it expires by itself (the epoch goes).
     remembered = {topic.keys.idempotency("k").encode()}
+    await topic.publish("email", {"to": "c"}, delay=3600)  # scheduled and its payload
     owned = {k.encode() for k in topic.keys.owned()}
     assert await _owned_keys(redis_client, topic) == owned | remembered
 

@@ -77,6 +77,8 @@ def test_owned_lists_every_key() -> None:
         keys.stopped,
         keys.cleanup_lock,
         keys.idempotency_epoch,
+        keys.scheduled,
+        keys.scheduled_data,
     }
     assert keys.control_channel not in keys.owned()
     assert repr(keys) == "TopicKeys('orders')"

@@ -7,7 +7,8 @@ periodically and after every reconnect, so a consumer that missed a
 notification (pub/sub is fire-and-forget) still converges.
 
 Notifications on ``TopicKeys.control_channel`` are plain text:
-``stop <id>``, ``resume <id>`` and ``terminate``.
+``stop <id>``, ``resume <id>``, ``terminate`` and ``scheduled <due ms>``
+(a scheduled message became the earliest: see ``_schedule``).
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ class ControlListener:
     Callbacks are plain functions called from the listener's task; they must
     not block and should not raise (an exception ends :meth:`run`). They fire
     only on a *change* after the initial load: ``on_stop``/``on_resume`` once
-    the local set is updated, ``on_terminate`` once.
+    the local set is updated, ``on_terminate`` once. ``on_scheduled`` gets the
+    due time (server ms) of every ``scheduled`` notice, and None after every
+    (re)subscription, when notices may have been missed.
 
     Cost while idle: one blocking read on a dedicated pub/sub connection and
     one SMEMBERS per ``resync_interval``.
@@ -134,6 +137,7 @@ class ControlListener:
         on_stop: Callable[[str], None],
         on_resume: Callable[[str], None],
         on_terminate: Callable[[], None],
+        on_scheduled: Callable[[int | None], None] | None = None,
         resync_interval: float = 5.0,
     ) -> None:
         if not resync_interval > 0:
@@ -143,6 +147,7 @@ class ControlListener:
         self._on_stop = on_stop
         self._on_resume = on_resume
         self._on_terminate = on_terminate
+        self._on_scheduled = on_scheduled
         self._interval = float(resync_interval)
         self._stopped: set[str] = set()
         self._loaded = False
@@ -201,6 +206,7 @@ class ControlListener:
                     try:
                         await self._subscribe(pubsub)
                         await self._resync()
+                        self._scheduled()
                         if not started:
                             started = True
                             task_status.started()
@@ -273,8 +279,10 @@ class ControlListener:
         while not self._terminated:
             remaining = next_resync - anyio.current_time()
             if remaining <= 0 or self._reconnected:
-                self._reconnected = False
+                reconnected, self._reconnected = self._reconnected, False
                 await self._resync()
+                if reconnected:
+                    self._scheduled()
                 next_resync = anyio.current_time() + self._interval
                 continue
             # The read timeout costs no command; capping it bounds how long a
@@ -297,6 +305,8 @@ class ControlListener:
             if entry_id in self._stopped:
                 self._stopped.discard(entry_id)
                 self._on_resume(entry_id)
+        elif action == "scheduled":
+            self._scheduled(int(entry_id) if entry_id.isdigit() else None)
         elif action == "terminate":
             if not self._terminated:
                 self._terminated = True
@@ -304,6 +314,10 @@ class ControlListener:
                 self._on_terminate()
         else:
             logger.debug("ignoring unknown control message %r", text)
+
+    def _scheduled(self, due_ms: int | None = None) -> None:
+        if self._on_scheduled is not None and not self._terminated:
+            self._on_scheduled(due_ms)
 
     async def _resync(self) -> None:
         """Replace the local set with the stored one, announcing the differences."""

@@ -53,7 +53,8 @@ def _check(reply: Any) -> Any:
 
 
 async def topic_info(redis: AnyRedis, keys: TopicKeys) -> TopicInfo:
-    """Length, first and last entry ids, groups, stopped ids and dead-letter count.
+    """Length, first and last entry ids, groups, stopped ids, dead-letter and
+    scheduled counts.
 
     A stream that does not exist is reported empty, without groups, not as an
     error (its stopped ids and dead letters may still exist).
@@ -72,9 +73,12 @@ async def topic_info(redis: AnyRedis, keys: TopicKeys) -> TopicInfo:
     pipe.xinfo_groups(keys.stream)
     pipe.smembers(keys.stopped)
     pipe.xlen(keys.dead_letters)
-    stream_reply, groups_reply, stopped_reply, dead_reply = await pipe.execute(raise_on_error=False)
+    pipe.zcard(keys.scheduled)
+    replies = await pipe.execute(raise_on_error=False)
+    stream_reply, groups_reply, stopped_reply, dead_reply, scheduled_reply = replies
     stopped = sorted((as_str(m) for m in _check(stopped_reply)), key=id_key)
     dead_letters = int(_check(dead_reply))
+    scheduled = int(_check(scheduled_reply))
     if _missing(stream_reply):
         return TopicInfo(
             length=0,
@@ -83,6 +87,7 @@ async def topic_info(redis: AnyRedis, keys: TopicKeys) -> TopicInfo:
             groups=[],
             stopped=stopped,
             dead_letters=dead_letters,
+            scheduled=scheduled,
         )
     stream = _check(stream_reply)
     length = int(_field(stream, "length"))
@@ -106,6 +111,7 @@ async def topic_info(redis: AnyRedis, keys: TopicKeys) -> TopicInfo:
         ],
         stopped=stopped,
         dead_letters=dead_letters,
+        scheduled=scheduled,
     )
 
 

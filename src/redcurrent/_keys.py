@@ -93,6 +93,8 @@ class TopicKeys:
         "control_channel",
         "dead_letters",
         "idempotency_epoch",
+        "scheduled",
+        "scheduled_data",
         "stopped",
         "stream",
         "tag",
@@ -109,10 +111,14 @@ class TopicKeys:
     cleanup_lock: str
     """The lock that lets one cleaner run at a time."""
     control_channel: str
-    """The pub/sub channel of stop, resume and terminate notices."""
+    """The pub/sub channel of stop, resume, terminate and scheduled notices."""
     idempotency_epoch: str
     """The marker idempotent publishes remember their keys under; terminate
     deletes it, which makes every remembered key of the topic stale."""
+    scheduled: str
+    """The sorted set of scheduled messages: schedule id -> due time (ms)."""
+    scheduled_data: str
+    """The hash of scheduled messages' fields: schedule id -> msgpack array."""
 
     def __init__(self, stream: str) -> None:
         self.stream = stream = check_name(stream, "a stream name")
@@ -122,7 +128,9 @@ class TopicKeys:
         self.stopped = f"{base}:stopped"
         self.cleanup_lock = f"{base}:cleanup-lock"
         self.control_channel = f"{base}:control"
+        self.scheduled = f"{base}:scheduled"
         self.idempotency_epoch = f"{base}:idempotency-epoch"
+        self.scheduled_data = f"{base}:scheduled-data"
 
     def owned(self) -> tuple[str, ...]:
         """Every key (not channel) the library may create for this topic, stream first."""
@@ -131,6 +139,8 @@ class TopicKeys:
             self.dead_letters,
             self.stopped,
             self.cleanup_lock,
+            self.scheduled,
+            self.scheduled_data,
             self.idempotency_epoch,
         )
 

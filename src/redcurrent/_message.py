@@ -124,6 +124,8 @@ class TopicInfo(msgspec.Struct, frozen=True, kw_only=True):
     groups: list[GroupInfo]
     stopped: list[str]
     dead_letters: int
+    scheduled: int = 0
+    """Messages scheduled with ``delay``/``at`` still waiting to enter the stream."""
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):

@@ -39,6 +39,7 @@ from ._read import Reader
 from ._recount import Recounter
 from ._redis import AnyRedis, block_within_socket_timeout
 from ._routes import RouteTable
+from ._schedule import Mover
 from .errors import TopicGoneError
 
 __all__ = ["Runtime"]
@@ -139,6 +140,7 @@ class Runtime:
     async def main(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         settings, redis, member = self.settings, self.redis, self.member
         dead = DeadLetterWriter(redis, self.keys, settings.group, settings.name, call=member.call)
+        mover = Mover(member, notices=getattr(redis, "pubsub", None) is not None)
         self.inflight = inflight = InFlight(self._effective_prefetch())
         acker = Acker(member, inflight)
         self._control = control = ControlListener(
@@ -147,6 +149,7 @@ class Runtime:
             on_stop=self._on_stop_message,
             on_resume=self._on_resume_message,
             on_terminate=self._on_terminate,
+            on_scheduled=mover.wake,
         )
         batcher = Batcher(settings.batch) if self.router.batch_types else None
         dispatcher = Dispatcher(
@@ -168,6 +171,7 @@ class Runtime:
             await self._create_group()
             await self.member.check_access()
             await self._fit_block_to_server()
+            await mover.move_due()  # what fell due meanwhile; a refused ACL fails the start
             async with anyio.create_task_group() as services:
                 await services.start(self._listen_for_control, control)
                 started = True
@@ -178,6 +182,7 @@ class Runtime:
                 services.start_soon(self._guard, lease.run)
                 recounter = Recounter(member, inflight)
                 services.start_soon(self._guard, recounter.run)
+                services.start_soon(self._guard, mover.run)
                 services.start_soon(self._guard, dispatcher.retries.run, dispatcher.requeue)
                 services.start_soon(
                     self._guard, prune_idle_consumers, member, settings.consumer_idle_timeout

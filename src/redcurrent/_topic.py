@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from . import _cleanup, _control, _dead, _info
+from . import _cleanup, _control, _dead, _info, _schedule
 from ._codec import ENCODE_FAILURES, check_message_type, data_error, encode_data, encode_metadata
 from ._config import CleanupPolicy
 from ._faults import denials_explained
@@ -141,8 +142,17 @@ class Topic:
         *,
         maxlen: int | None = None,
         idempotency_key: str | None = None,
+        delay: float | None = None,
+        at: datetime | float | None = None,
     ) -> str:
         """Append one message; returns its entry id.
+
+        With ``delay`` (seconds, counted on the Redis server's clock) or ``at``
+        (an aware datetime or epoch seconds) the message is scheduled instead:
+        a running consumer of any group moves it into the stream when due, and
+        this returns its schedule id, for :meth:`cancel_scheduled` (the entry
+        gets its stream id when it is moved). Not with ``maxlen`` or
+        ``idempotency_key``. See "Delayed and scheduled messages" in the README.
 
         With ``idempotency_key`` (a non-empty str), a message published with
         the same key within ``idempotency_window`` is not appended again: the
@@ -165,6 +175,11 @@ class Topic:
         ``metadata`` that is not a mapping of str to str, and
         :class:`PayloadTooLargeError` above ``max_payload_bytes``.
         """
+        if delay is not None or at is not None:
+            when = _schedule.due_spec(delay, at)
+            _immediate_only(maxlen=maxlen, idempotency_key=idempotency_key)
+            with self._denials("publish (scheduled)"):
+                return await _schedule.schedule(self, message_type, data, metadata, when)
         if idempotency_key is not None:
             entry = self._entry(message_type, data, metadata)
             key = check_key(idempotency_key)
@@ -177,7 +192,12 @@ class Topic:
         return as_str(entry_id)
 
     async def publish_many(
-        self, items: Iterable[PublishItem], *, maxlen: int | None = None
+        self,
+        items: Iterable[PublishItem],
+        *,
+        maxlen: int | None = None,
+        delay: float | None = None,
+        at: datetime | float | None = None,
     ) -> list[str]:
         """Append many messages in chunks; returns their ids in order.
 
@@ -195,7 +215,17 @@ class Topic:
         error of :meth:`publish`, naming the item's index, or an item that is
         not such a tuple) raises before its chunk is sent: when all items fit
         in one chunk, nothing is sent.
+
+        ``delay`` or ``at`` schedules every item for the same time, as
+        :meth:`publish` does: the ids are schedule ids, in order, and the
+        messages enter the stream in this order. Items then carry no
+        idempotency key.
         """
+        if delay is not None or at is not None:
+            when = _schedule.due_spec(delay, at)
+            _immediate_only(maxlen=maxlen)
+            with self._denials("publish_many (scheduled)"):
+                return await _schedule.schedule_many(self, items, when)
         head = b"" if maxlen is None else str(_check_maxlen(maxlen)).encode()
         try:
             iterator = iter(items)
@@ -265,6 +295,13 @@ class Topic:
             entry_id.decode() if entry_id.__class__ is bytes else str(entry_id)
             for entry_id in reply
         ]
+
+    async def cancel_scheduled(self, schedule_id: str) -> bool:
+        """Cancel a message scheduled with ``delay``/``at``: True if it was still
+        waiting (it will not be delivered), False if it was moved into the
+        stream already, cancelled before, or never existed."""
+        with self._denials("cancel_scheduled"):
+            return await _schedule.cancel(self._redis, self.keys, schedule_id)
 
     # -- administration -------------------------------------------------
     async def info(self) -> TopicInfo:
@@ -355,6 +392,14 @@ class Topic:
 def _where(index: int) -> str:
     """The prefix of an error about the ``index``-th item of publish_many."""
     return f"publish_many item {index}: " if index >= 0 else ""
+
+
+def _immediate_only(*, maxlen: int | None = None, idempotency_key: str | None = None) -> None:
+    """What only a message appended now can take."""
+    if maxlen is not None:
+        raise ConfigurationError("maxlen applies to messages appended now, not with delay= or at=")
+    if idempotency_key is not None:
+        raise ConfigurationError("idempotency_key cannot be combined with delay= or at=")
 
 
 def _check_maxlen(maxlen: int) -> int:
