@@ -12,7 +12,8 @@ for its next turn or for room), so every step is deterministic.
 Rules: a turn of the reader loop (reserve -> the acks it carries -> XREADGROUP ->
 submit -> unreserve); some pending entries going idle for ``claim_idle`` and a step of
 the claimer (XAUTOCLAIM through a reservation); a handler finishing (success, failure,
-part of a batch failing, or its own ``CancelledError``); a message stopped (the
+part of a batch failing, or its own ``CancelledError``); failed messages kept for
+their retry (a :class:`RetryPolicy` in half the examples) coming due; a message stopped (the
 stopped-set predicate plus ``stop_running``) or resumed; another consumer taking
 entries over and a lease refresh finding out (``lose``); the acker sending its XACKs;
 the batch timeout passing; shutdown (``close()``, then the drain) and the shutdown
@@ -24,6 +25,9 @@ Invariants, after every step:
   dead-lettered only after its last allowed delivery failed (or it came in over
   ``max_deliveries``), once; never both;
 - a handler runs only for an entry the consumer holds, not stopped, not already running;
+- a failed message waiting for its retry is held, neither parked, queued nor running,
+  pending for this consumer with the count of the delivery that failed; at most half
+  of ``prefetch`` waits, and the room a read waits for leaves them out;
 - ``active`` (held minus parked), and with it the acknowledgements not sent yet, never
   exceed ``prefetch``, except by messages resumed while held (a resume puts a parked
   message back at once, whatever the room) and by the late ack of an entry lost while
@@ -47,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import io
+import math
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
@@ -68,7 +73,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from redcurrent import Message
+from redcurrent import Message, RetryPolicy
 from redcurrent._ack import Acker
 from redcurrent._batch import Batch, BatchConfig, Batcher
 from redcurrent._claim import Claimer
@@ -296,8 +301,13 @@ class BookkeepingMachine(RuleBasedStateMachine):
         concurrency=st.sampled_from([1, 2, 4]),
         max_deliveries=st.integers(1, 3),
         read_count=st.integers(1, 8),
+        retry=st.booleans(),
     )
-    def setup(self, prefetch: int, concurrency: int, max_deliveries: int, read_count: int) -> None:
+    def setup(
+        self, prefetch: int, concurrency: int, max_deliveries: int, read_count: int, retry: bool
+    ) -> None:
+        # Retries never come due by the clock: the retry_due rule is the clock.
+        self.retry = RetryPolicy(delay=3600, jitter=0) if retry else None
         self.prefetch = prefetch
         self.read_count = read_count
         self.concurrency = concurrency
@@ -341,6 +351,7 @@ class BookkeepingMachine(RuleBasedStateMachine):
             dead=DeadLetterWriter(redis, self.keys, GROUP, ME, call=member.call),
             counters=Counters(),
             max_deliveries=self.max_deliveries,
+            retry=self.retry,
             batcher=self.batcher,
             is_stopped=lambda entry_id: entry_id.encode() in self.stopped,
         )
@@ -616,6 +627,12 @@ class BookkeepingMachine(RuleBasedStateMachine):
         """The acker sends its batch of XACKs (room comes back only then)."""
         self._step(self._send_acks)
 
+    @precondition(lambda self: self.ready and self.inflight.waiting)
+    @rule()
+    def retry_due(self) -> None:
+        """The retries kept here come due: the timer's step, with the clock at the end."""
+        self._step(lambda: self.d.requeue(self.d.retries.take_due(math.inf)))
+
     # -- time and shutdown ---------------------------------------------------------------
     @precondition(lambda self: self.ready and self.batcher.held())
     @rule()
@@ -673,7 +690,7 @@ class BookkeepingMachine(RuleBasedStateMachine):
         d, inf = self.d, self.inflight
         assert not self.errors, f"a worker, read or claim raised: {self.errors!r}"
         assert not self.violations, self.violations
-        held, parked = inf.held, set(inf.parked)
+        held, parked, retrying = inf.held, set(inf.parked), set(inf.waiting)
 
         # -- acknowledgements and dead letters
         twice = {raw for raw, n in self.acks.items() if n > 1}
@@ -722,17 +739,24 @@ class BookkeepingMachine(RuleBasedStateMachine):
             f"prefetch {inf.prefetch} (+{extra} resumed)"
         )
         waiting_for_room = [f.kind for f in self.feeders.values() if f.phase == "reserving"]
+        budget = inf.prefetch - len(retrying)  # what waiting retries leave to reads
+        assert len(retrying) <= inf.prefetch // 2, (len(retrying), inf.prefetch)
         if waiting_for_room and not self.closing:
-            assert inf.free() < inf.prefetch - inf.prefetch // 2, (
+            assert inf.free() < budget - budget // 2, (
                 f"{waiting_for_room} wait for room with {inf.free()} of {inf.prefetch} free"
             )
 
         # -- nothing held for ever, nothing handled uncounted
         assert parked <= held, f"parked but not held: {parked - held}"
         assert parked <= self.stopped, f"parked but not stopped: {parked - self.stopped}"
+        assert retrying <= held - parked, f"waiting for a retry, not held: {retrying - held}"
         if not self.hard:
             waiting, running = self._whereabouts()
-            nowhere = held - parked - waiting - running - self.dropped
+            both = retrying & (waiting | running)
+            assert not both, f"waiting for a retry and queued or running: {both}"
+        if not self.hard:
+            waiting, running = self._whereabouts()
+            nowhere = held - parked - retrying - waiting - running - self.dropped
             assert not nowhere, f"held, but neither parked, queued nor running: {nowhere}"
             uncounted = (waiting | running) - held - inf.lost
             assert not uncounted, f"queued or running but not held: {uncounted}"
@@ -745,6 +769,15 @@ class BookkeepingMachine(RuleBasedStateMachine):
         assert not (sent & pending), f"XACK sent, yet pending: {sent & pending}"
         assert not (set(letters) & pending), "dead-lettered yet pending"
         assert held <= pending, f"held but not pending: {held - pending}"
+        for raw, (item, _) in inf.waiting.items():
+            if self.pel[raw][0] == OTHER.encode():
+                assert raw in self.taken_over  # the next lease refresh finds out
+            else:
+                # The count of the delivery that failed; a claim pass that met the
+                # entry while its handler ran (it skips held ones) raised it.
+                owner, count = self.pel[raw]
+                assert owner == ME.encode(), (raw, owner)
+                assert count >= item[2], (raw, count, item[2])
         for raw, (owner, _) in self.pel.items():
             if owner == ME.encode() and raw not in held and raw not in self.unsent:
                 assert self.last.get(raw) == "fail", (

@@ -61,19 +61,26 @@ class RetryTimer:
         self._closed = True
         self._wake.set()
 
+    def take_due(self, now: float) -> list[Item]:
+        """The retries due by ``now``, each with its next delivery count (none
+        once closed)."""
+        heap, inflight = self._heap, self._inflight
+        due: list[Item] = []
+        while heap and heap[0][0] <= now and not self._closed:
+            when, _, raw_id = heapq.heappop(heap)
+            item = inflight.retry_due(raw_id, when)
+            if item is not None:
+                due.append(item)
+        return due
+
     async def run(self, requeue: Callable[[list[Item]], None]) -> None:
         """Hand due retries to ``requeue`` (the workers) until closed."""
-        heap, inflight = self._heap, self._inflight
+        heap = self._heap
         while not self._closed:
             if self._wake.is_set():
                 self._wake = anyio.Event()
             now = anyio.current_time()
-            due: list[Item] = []
-            while heap and heap[0][0] <= now:
-                when, _, raw_id = heapq.heappop(heap)
-                item = inflight.retry_due(raw_id, when)
-                if item is not None:
-                    due.append(item)
+            due = self.take_due(now)
             if due:
                 requeue(due)
             wait = heap[0][0] - now if heap else math.inf
