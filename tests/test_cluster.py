@@ -309,3 +309,25 @@ async def test_a_connection_torn_down_by_the_cluster_client_is_a_transient_fault
     with pytest.raises(AttributeError) as ours:  # one raised in our code is a bug
         getattr(None, "writelines")  # noqa: B009
     assert classify(ours.value) is Fault.FATAL
+
+
+@pytest.mark.parametrize("stream", ["orders", "app{tenant-7}:orders"])
+async def test_scheduled_messages_on_a_cluster(cluster: RedisCluster, stream: str) -> None:
+    """The scheduling, moving and cancelling scripts name keys of one slot."""
+    topic = Topic(cluster, stream)
+    later = await topic.publish("job", {"n": 0}, delay=3600)
+    await topic.publish_many([("job", {"n": n}) for n in (1, 2)], delay=0.2)
+    seen: list[int] = []
+    consumer = StreamConsumer(cluster, stream, "g", start=StartFrom.EARLIEST, **FAST)
+
+    @consumer.handler("job")
+    async def job(msg: Message[Any]) -> None:
+        seen.append(msg.data["n"])
+
+    async with consumer:
+        await until(lambda: seen == [1, 2], timeout=10)
+        assert (await topic.info()).scheduled == 1
+        assert await topic.cancel_scheduled(later) is True
+        await topic.terminate()
+        assert await consumer.done() == StopReason.TERMINATED
+    assert await cluster.exists(topic.keys.scheduled, topic.keys.scheduled_data) == 0

@@ -16,7 +16,7 @@ import redis.asyncio
 
 from helpers import Recorder, nothing_pending, wait_until
 from redcurrent import ConfigurationError, StartFrom, StreamConsumer, Topic
-from redcurrent._schedule import MOVE_BATCH
+from redcurrent._schedule import MOVE_BATCH, MOVER_CAP, _pack
 from redcurrent.testing import RedisServer
 
 STREAM = "reminders"
@@ -266,3 +266,39 @@ async def test_scheduled_messages_survive_a_redis_restart(
             assert consumer.stop_reason is None
             assert sorted(await stream_numbers(fresh)) == list(range(count))
             assert (await Topic(fresh, STREAM).info()).scheduled == 0
+
+
+async def test_a_decode_responses_client_schedules_and_moves(
+    redis_client: redis.asyncio.Redis, redis_url: str
+) -> None:
+    """(``redis_client`` empties the keyspace first.)"""
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        topic = Topic(client, STREAM)
+        later = await topic.publish("remind", {"n": 1}, delay=3600)
+        await topic.publish("remind", {"n": 2}, delay=0.1)
+        seen = Recorder()
+        async with consumer_of(client, "g", "c1", seen):
+            await seen.wait_for(1)
+        assert [m.data["n"] for m in seen.messages] == [2]
+        assert (await topic.info()).scheduled == 1
+        assert await topic.cancel_scheduled(later) is True
+    finally:
+        await client.aclose()
+
+
+async def test_a_message_whose_notice_was_lost_still_arrives(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """Written into the index without a notice (as if pub/sub had dropped
+    it): a sleeping mover still finds it, at the latest after its cap."""
+    topic = Topic(redis_client, STREAM)
+    seen = Recorder()
+    async with consumer_of(redis_client, "g", "c1", seen):
+        server_s, server_us = await redis_client.time()
+        due_ms = server_s * 1000 + server_us // 1000 + 200
+        fields = (b"type", b"remind", b"data", b'{"n": 5}', b"metadata", b"{}")
+        await redis_client.zadd(topic.keys.scheduled, {"quiet": due_ms})
+        await redis_client.hset(topic.keys.scheduled_data, "quiet", _pack(fields))
+        await seen.wait_for(1, timeout=MOVER_CAP + 5)
+    assert [m.data["n"] for m in seen.messages] == [5]
