@@ -414,12 +414,25 @@ class Dispatcher:
         self._ack(raw_id)  # the acker counts it in ``inflight.unacked``
         inflight.release(raw_id)
 
-    async def _failed(self, item: Item, exc: BaseException, route: Route) -> None:
+    def _due(self, exc: BaseException, route: Route, count: int) -> float | None:
+        """When a delivery that failed with ``exc`` should be followed by the
+        next: the delay :class:`Retry` asked for, else the policy's; None
+        with neither."""
+        delay = exc.delay if isinstance(exc, Retry) else None
+        policy = route.retry or self.retry
+        if delay is None and policy is not None:
+            delay = policy.delay_for(count)
+        return None if delay is None else anyio.current_time() + delay
+
+    async def _failed(
+        self, item: Item, exc: BaseException, route: Route, due: float | None = None
+    ) -> None:
         """The one place that decides what becomes of a failed delivery: a
         dead letter after the last one allowed; else a retry, kept here until
         its policy's delay (or the one :class:`Retry` asked for) has passed,
         or, with no policy or no room to keep it, left pending for whichever
-        consumer claims it after ``claim_idle``."""
+        consumer claims it after ``claim_idle``. ``due``: the time shared by
+        the messages of a failed batch, so that they come back together."""
         raw_id, _, count = item
         self.counters.failed += 1
         limit = route.max_deliveries or self.max_deliveries
@@ -441,14 +454,12 @@ class Dispatcher:
             )
             await self._bury(item, f"{type(exc).__name__}: {detail}", type(exc).__name__)
             return
-        policy = route.retry or self.retry
-        delay = exc.delay if isinstance(exc, Retry) else None
-        if delay is None and policy is not None:
-            delay = policy.delay_for(count)
-        if delay is None or not self.retries.schedule(item, delay):
-            delay = None
+        if due is None:
+            due = self._due(exc, route, count)
+        if due is None or not self.retries.schedule(item, due):
+            due = None
             self.inflight.release(raw_id)  # pending: claimed after claim_idle
-        when = "after claim_idle" if delay is None else f"in {delay:.2f}s"
+        when = "after claim_idle" if due is None else f"in {due - anyio.current_time():.2f}s"
         if asked:
             logger.info(
                 "handler %s asked to retry message %s (delivery %d of %d); retrying %s",
@@ -502,9 +513,10 @@ class Dispatcher:
         except BatchError as exc:
             slot.in_handler = False
             failed = exc.failed_ids
+            due = self._due(exc, route, max(item[2] for item in ready))
             for item in ready:
                 if item[0].decode() in failed:
-                    await self._failed(item, exc, route)
+                    await self._failed(item, exc, route, due)
                 else:
                     self.counters.handled += 1
                     self._settle(item[0])
@@ -512,8 +524,9 @@ class Dispatcher:
             slot.in_handler = False
             if not _handler_failed(exc):
                 raise
+            due = self._due(exc, route, max(item[2] for item in ready))
             for item in ready:
-                await self._failed(item, exc, route)
+                await self._failed(item, exc, route, due)
         else:
             slot.in_handler = False
             self.counters.handled += len(ready)

@@ -40,12 +40,11 @@ class RetryTimer:
         self._wake = anyio.Event()
         self._closed = False
 
-    def schedule(self, item: Item, delay: float) -> bool:
-        """Keep ``item`` until ``delay`` seconds from now; False if it cannot
-        wait here (see :meth:`InFlight.wait_retry`) or the consumer stops."""
+    def schedule(self, item: Item, due: float) -> bool:
+        """Keep ``item`` until ``due`` (``anyio.current_time()``); False if it
+        cannot wait here (see :meth:`InFlight.wait_retry`) or the consumer stops."""
         if self._closed:
             return False
-        due = anyio.current_time() + delay
         if not self._inflight.wait_retry(item, due):
             return False
         heap = self._heap
