@@ -302,3 +302,19 @@ async def test_a_message_whose_notice_was_lost_still_arrives(
         await redis_client.hset(topic.keys.scheduled_data, "quiet", _pack(fields))
         await seen.wait_for(1, timeout=MOVER_CAP + 5)
     assert [m.data["n"] for m in seen.messages] == [5]
+
+
+async def test_publish_many_scheduled_items_keep_their_metadata(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    topic = Topic(redis_client, STREAM)
+    await topic.publish_many(
+        [("remind", {"n": 1}, {"a": "b"}), ("remind", {"n": 2}, {"c": "d"}, None)], delay=0
+    )
+    seen = Recorder()
+    async with consumer_of(redis_client, "g", "c1", seen):
+        await seen.wait_for(2)
+    assert sorted((m.data["n"], m.metadata) for m in seen.messages) == [
+        (1, {"a": "b"}),
+        (2, {"c": "d"}),
+    ]

@@ -262,7 +262,7 @@ async def schedule_many(topic: Topic, items: Iterable[Any], when: tuple[str, int
                 f"publish_many item {index}: an idempotency key cannot be combined with "
                 "delay= or at="
             )
-        metadata = item[2] if len(item) == 3 else None
+        metadata = item[2] if len(item) >= 3 else None
         chunk.append(_fields(*topic._entry(item[0], item[1], metadata, index)))
         if len(chunk) >= SCHEDULE_CHUNK:
             ids += await _send(topic.redis, topic.keys, when, chunk)
