@@ -346,3 +346,46 @@ async def test_a_running_entry_taken_over_is_not_acknowledged_from_under_its_new
         await thief.aclose()
     rows = await redis_client.xpending_range("ctl", "g", "-", "+", 10)
     assert [(r["message_id"].decode(), r["consumer"].decode()) for r in rows] == [(taken, "thief")]
+
+
+async def test_after_a_stall_past_claim_idle_queued_entries_peers_took_are_not_started(
+    redis_client: aredis.Redis, redis_url: str
+) -> None:
+    """A consumer whose event loop was blocked longer than ``claim_idle`` may
+    have lost what it had queued: workers wait for the next lease refresh to
+    say what is still theirs instead of starting messages a peer now owns."""
+    import threading
+
+    import redis as sync_redis
+
+    topic = Topic(redis_client, "stall")
+    ids = await topic.publish_many([("job", {"n": i}) for i in range(5)])
+    consumer = StreamConsumer(
+        redis_client, "stall", "g", "me", start=StartFrom.EARLIEST, concurrency=1, claim_idle=1.0
+    )
+    started: list[str] = []
+    stolen = threading.Event()
+
+    def thief() -> None:
+        client = sync_redis.Redis.from_url(redis_url)
+        try:
+            time.sleep(1.3)  # past claim_idle, while the consumer's loop is blocked
+            client.xclaim("stall", "g", "thief", 1000, ids[1:], justid=True)
+        finally:
+            client.close()
+            stolen.set()
+
+    @consumer.handler("job")
+    async def handle(msg: Message[Any]) -> None:
+        started.append(msg.id)
+        if msg.id == ids[0]:
+            threading.Thread(target=thief, daemon=True).start()
+            time.sleep(2.0)  # noqa: ASYNC251 - blocks the loop: no lease refresh meanwhile
+
+    async with consumer:
+        await until(lambda: stolen.is_set() and consumer.stats.held == 0, timeout=15)
+        await consumer.stop()
+    assert started == [ids[0]]
+    rows = await redis_client.xpending_range("stall", "g", "-", "+", 10)
+    assert sorted(r["message_id"].decode() for r in rows) == sorted(ids[1:])
+    assert {r["consumer"].decode() for r in rows} == {"thief"}

@@ -13,9 +13,8 @@ Notifications on ``TopicKeys.control_channel`` are plain text:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import anyio
@@ -84,25 +83,6 @@ async def terminate(redis: AnyRedis, keys: TopicKeys) -> None:
     """
     script = redis.register_script(TERMINATE)
     await script(keys=list(keys.owned()), args=[keys.control_channel])
-
-
-@contextlib.contextmanager
-def _pubsub_io() -> Iterator[None]:
-    """Report a pub/sub connection lost under redis-py's feet as a connection error.
-
-    redis-py's cluster pub/sub (8.1) runs on one of the node's pooled
-    connections, and the cluster client's re-initialisation (every 5th MOVED,
-    CLUSTERDOWN) disconnects those from another task, also while
-    ``get_message`` is reconnecting one: the handshake then fails with
-    ``AttributeError`` on the writer it just lost (see ``_faults.classify``).
-    Subscribing again fixes it.
-    """
-    try:
-        yield
-    except AttributeError as exc:
-        if classify(exc) is not Fault.TRANSIENT:
-            raise
-        raise rex.ConnectionError(f"pub/sub connection closed under it: {exc}") from exc
 
 
 class ControlListener:
@@ -223,7 +203,7 @@ class ControlListener:
                 outage.recovered()
                 backoff.reset()
                 await anyio.sleep(self._interval)
-            except (rex.RedisError, OSError, TimeoutError) as exc:
+            except Exception as exc:  # classify() tells faults from bugs
                 fault = classify(exc)
                 if fault is Fault.DENIED:
                     raise access_denied(
@@ -254,12 +234,10 @@ class ControlListener:
         Only once the server has confirmed is every later change certain to
         reach us; reading the set before that could miss one in between.
         """
-        with _pubsub_io():
-            await pubsub.subscribe(self._keys.control_channel)
+        await pubsub.subscribe(self._keys.control_channel)
         with anyio.fail_after(_SUBSCRIBE_TIMEOUT):
             while True:
-                with _pubsub_io():
-                    message = await pubsub.get_message(timeout=_SUBSCRIBE_TIMEOUT)
+                message = await pubsub.get_message(timeout=_SUBSCRIBE_TIMEOUT)
                 if message is not None and as_str(message["type"]) == "subscribe":
                     break
         # redis-py reconnects and resubscribes silently inside get_message when
@@ -287,10 +265,9 @@ class ControlListener:
                 continue
             # The read timeout costs no command; capping it bounds how long a
             # silent reconnect inside redis-py goes without a resync.
-            with _pubsub_io():
-                message = await pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=min(remaining, _WAKE_INTERVAL)
-                )
+            message = await pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=min(remaining, _WAKE_INTERVAL)
+            )
             if message is not None and as_str(message["type"]) == "message":
                 data = message["data"]
                 self._handle(data.decode(errors="replace") if isinstance(data, bytes) else data)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -299,8 +300,13 @@ class Dispatcher:
                 self._route(item, front=True)
 
     async def _work_loop(self, slot: Slot) -> None:
-        queue = self.queue
+        queue, inflight = self.queue, self.inflight
         while True:
+            if inflight.lease_until < time.monotonic():
+                # Frozen or cut off past claim_idle: peers may own some of the
+                # queue now. The next lease refresh marks those lost.
+                await inflight.wait_for_lease()
+                continue
             if not queue:
                 if self.closing:
                     return  # drained: what was in memory when the stop came is done

@@ -14,6 +14,8 @@ here, and none of them reaches into another.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 
 import anyio
@@ -64,11 +66,33 @@ class InFlight:
         self.unacked = 0
         #: the reader waits for room (and will send collected acks with its read).
         self.reader_waiting = False
+        #: until when (monotonic) no peer can have claimed what is held: the
+        #: last successful lease refresh began ``claim_idle`` before this. Past
+        #: it (the process was frozen, the loop blocked, Redis out of reach)
+        #: workers start nothing until the next refresh has said what was lost.
+        #: Infinite until a lease keeper runs.
+        self.lease_until = math.inf
+        self._lease_renewed: anyio.Event | None = None
         self._recount: dict[bytes, int] = {}
         self._recount_wanted = anyio.Event()
         self._space = anyio.Event()
         self._space_waiters = 0
         self._countdown = 0
+
+    # -- the lease ------------------------------------------------------------
+    def renew_lease(self, until: float) -> None:
+        """A lease refresh succeeded: what is held is ours until ``until``."""
+        self.lease_until = until
+        if self._lease_renewed is not None:
+            self._lease_renewed.set()
+            self._lease_renewed = None
+
+    async def wait_for_lease(self) -> None:
+        """Wait while the lease may have lapsed (see :attr:`lease_until`)."""
+        while self.lease_until < time.monotonic():
+            if self._lease_renewed is None:
+                self._lease_renewed = anyio.Event()
+            await self._lease_renewed.wait()
 
     # -- room -----------------------------------------------------------------
     @property

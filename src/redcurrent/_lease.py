@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import anyio
 
@@ -34,9 +35,18 @@ class LeaseKeeper:
         self.interval = interval
 
     async def run(self) -> None:
+        """Refresh every ``interval`` (``claim_idle / 3``), and keep
+        ``inflight.lease_until`` one ``claim_idle`` after the start of the last
+        refresh that went through: past it a peer may have claimed what is
+        held, so workers wait for the next refresh to say what was lost rather
+        than start a message that is no longer this consumer's."""
+        inflight, lapse = self._inflight, self.interval * 3
+        inflight.renew_lease(time.monotonic() + lapse)
         while True:
             await anyio.sleep(self.interval)
+            began = time.monotonic()
             await self.refresh()
+            inflight.renew_lease(began + lapse)
 
     async def refresh(self) -> None:
         """Renew the lease of everything held."""

@@ -130,6 +130,9 @@ class LocalCluster:
 
     def stop(self) -> None:
         for server in self.servers:
+            # SIGKILL first: on SIGTERM a 7.0+ master waits up to
+            # shutdown-timeout (10 s) for replicas already gone.
+            server.kill()
             server.stop()
 
     @property

@@ -6,7 +6,9 @@ redis-py's asyncio ``RedisCluster``, injects its fault once about a third of
 the messages are published, lets the producer finish and the group drain, and
 audits the ledger (``_ledger.py``): every acknowledged publish handled or dead
 lettered, the pending list empty, duplicates counted, every consumer still
-running.
+running. ``recovery_s`` is the time from the fault to the first moment the
+group had caught up again (nothing pending, nothing unread), the producer
+still running.
 
 What an automatic failover can undo: Redis replicates asynchronously, so a
 master that dies may take with it writes it had already acknowledged but not
@@ -44,6 +46,8 @@ GROUP = "chaos"
 KEYS = TopicKeys(STREAM)
 SLOT = key_slot(STREAM.encode())
 CONSUMERS = 3
+#: Seqs per publish of the producer.
+CHUNK = 50
 #: Idle connections every client keeps to every node in the reshard scenario.
 WARM = 4
 #: Keys sharing the topic's slot that the reshard migrates around the topic's own.
@@ -94,7 +98,7 @@ class Run:
     producer: subprocess.Popen[bytes] | None = None
     faults: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
-    #: ``time.monotonic()`` when the last fault struck (recovery counts from it).
+    #: ``time.monotonic()`` when the last fault struck (``recovered`` counts from it).
     fault_at: float = 0.0
 
     def log(self, name: str) -> Path:
@@ -139,37 +143,48 @@ async def start_load(run: Run, *, warm: int = 0) -> None:
         run.consumers.append(spawn("_worker.py", options, run.log(f"c{n}")))
     for n in range(CONSUMERS):
         await until(lambda n=n: "ready" in run.log(f"c{n}").read_text(), 60, f"consumer c{n}")
-    chunk = 50
     pause = 0.1 if run.total <= 5_000 else 0.08
-    options = {**common, "name": "p", "first": 0, "count": run.total, "chunk": chunk}
+    options = {**common, "name": "p", "first": 0, "count": run.total, "chunk": CHUNK}
     run.producer = spawn("_producer.py", {**options, "pause": pause}, run.log("p"))
     await until(lambda: run.published() >= run.total // 3, 60, "a third of the publishes")
 
 
-async def drain(run: Run, client: RedisCluster) -> float:
+async def caught_up(run: Run, client: RedisCluster) -> bool:
+    """Nothing pending and nothing unread in the group (the consumers alive)."""
+    for n, proc in enumerate(run.consumers):
+        if proc.poll() is not None:
+            pytest.fail(f"consumer c{n} stopped:\n" + run.log(f"c{n}").read_text()[-3000:])
+    try:
+        info = await client.xinfo_stream(STREAM)
+        groups = await client.xinfo_groups(STREAM)
+    except Exception:  # the cluster may still be settling: look again
+        return False
+    group = next(g for g in groups if g["name"] in (GROUP, GROUP.encode()))
+    return bool(group["pending"] == 0 and group["last-delivered-id"] == info["last-generated-id"])
+
+
+async def recovered(run: Run, client: RedisCluster, since: int) -> float:
+    """Seconds from the last fault to the first moment the group had caught
+    up again, the producer still running (as the other chaos scenarios count),
+    having handled seqs published after the fault (the producer had ``since``
+    acknowledged before it; one chunk may have been in flight)."""
+
+    async def back() -> bool:
+        handled = read_handled(run.root)
+        return max(handled, default=-1) >= since + CHUNK and await caught_up(run, client)
+
+    await until(back, 120, "the group to catch up after the fault")
+    return time.monotonic() - run.fault_at
+
+
+async def drain(run: Run, client: RedisCluster) -> None:
     """Wait for the producer, then for the group to have read every entry and
-    acknowledged them all; returns the seconds since the last fault struck."""
+    acknowledged them all."""
     assert run.producer is not None
     await until(lambda: run.producer.poll() is not None, 180, "the producer to finish")  # type: ignore[union-attr]
     assert run.producer.returncode == 0, run.log("p").read_text()[-2000:]
     run.extra["producer_retries"] = int(run.log("p").read_text().split("done ")[-1].split()[0])
-
-    async def drained() -> bool:
-        for n, proc in enumerate(run.consumers):
-            if proc.poll() is not None:
-                pytest.fail(f"consumer c{n} stopped:\n" + run.log(f"c{n}").read_text()[-3000:])
-        try:
-            info = await client.xinfo_stream(STREAM)
-            groups = await client.xinfo_groups(STREAM)
-        except Exception:  # the cluster may still be settling: look again
-            return False
-        group = next(g for g in groups if g["name"] in (GROUP, GROUP.encode()))
-        return bool(
-            group["pending"] == 0 and group["last-delivered-id"] == info["last-generated-id"]
-        )
-
-    await until(drained, 120, "the group to read and acknowledge every entry")
-    return time.monotonic() - run.fault_at
+    await until(lambda: caught_up(run, client), 120, "the group to read and ack every entry")
 
 
 async def finish(
@@ -177,11 +192,10 @@ async def finish(
     record: Callable[[Audit], Audit],
     scenario: str,
     client: RedisCluster,
-    recovery: float | None = None,
+    recovery: float,
 ) -> Audit:
-    """Drain (unless done), audit and record; the consumers must still run."""
-    if recovery is None:
-        recovery = await drain(run, client)
+    """Drain, audit and record; the consumers must still run."""
+    await drain(run, client)
     alive = [proc.poll() is None for proc in run.consumers]
     result = record(
         await audit(
@@ -206,6 +220,7 @@ async def finish(
 async def client(cluster: LocalCluster) -> Any:
     """The test's own cluster client, for waiting and the audit."""
     redis_client = RedisCluster.from_url(cluster.url)
+    await redis_client.initialize()  # knows every node, not just the one it may lose
     try:
         yield redis_client
     finally:
@@ -220,15 +235,17 @@ async def test_cluster_failover(
     cluster = run.cluster
     master, replica = cluster.owner(SLOT)
     await start_load(run)
+    at = run.published()
     began = run.fault_at = time.monotonic()
     cluster.call(replica, "CLUSTER", "FAILOVER")
     await until(lambda: cluster.owner(SLOT)[0] == replica, 30, "the replica to take the slot")
+    took = time.monotonic() - began
+    recovery = await recovered(run, client, at)
     await until(cluster.healthy, 30, "the cluster to settle")
     run.faults.append(
-        f"CLUSTER FAILOVER {master}->{replica} at {run.published()} published, "
-        f"{time.monotonic() - began:.1f}s to settle"
+        f"CLUSTER FAILOVER {master}->{replica} at {at} published, replica serving after {took:.1f}s"
     )
-    result = await finish(run, record, "cluster-failover", client)
+    result = await finish(run, record, "cluster-failover", client, recovery)
     assert result.lost == 0, result.lost_sample
 
 
@@ -248,11 +265,13 @@ async def test_cluster_master_killed(
     with cluster.client(master) as direct:
         direct.incr(f"{KEYS.tag}:chaos-barrier")
         in_sync = int(direct.execute_command("WAIT", 1, 5000))
+    at = run.published()
     began = run.fault_at = time.monotonic()
     cluster.server(master).kill()
     await until(lambda: cluster.owner(SLOT)[0] == replica, 60, "the replica to take over")
-    await until(lambda: cluster.healthy(replicas=2), 60, "the cluster to settle")
     took = time.monotonic() - began
+    recovery = await recovered(run, client, at)
+    await until(lambda: cluster.healthy(replicas=2), 60, "the cluster to settle")
     cluster.server(master).restart()
     await until(cluster.healthy, 60, "the killed master to rejoin as a replica")
     assert cluster.owner(SLOT) == (replica, master)
@@ -261,7 +280,7 @@ async def test_cluster_master_killed(
         f"{in_sync} replica), replica {replica} serving after {took:.1f}s; "
         "old master restarted as replica"
     )
-    recovery = await drain(run, client)
+    await drain(run, client)
     published = read_published(run.root)
     handled = read_handled(run.root)
     dead, _ = await _dead_seqs(Topic(client, STREAM))
@@ -334,8 +353,8 @@ async def test_cluster_reshard(
         cluster.call(port, "CLUSTER", "SETSLOT", SLOT, "NODE", target_id)
     migration_s = time.monotonic() - run.fault_at
     await until(lambda: cluster.owner(SLOT)[0] == target, 30, "every node to see the new owner")
+    recovery = await recovered(run, client, at)
     await until(cluster.healthy, 30, "the cluster to settle")
-    recovery = await drain(run, client)
 
     ask = sum(redirects("ASK", port) for port in masters)
     moved = sum(redirects("MOVED", port) for port in masters)
