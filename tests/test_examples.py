@@ -55,7 +55,7 @@ async def test_demo_walks_through_every_feature(
     # An f-string shows a str-enum as "StopReason.STOPPED" before Python 3.12, "stopped" after.
     assert re.search(
         r"stopped: (StopReason\.STOPPED|stopped), stats ConsumerStats\(received=4, handled=4,"
-        r" failed=0, claimed=0, dead_lettered=0, running=0, held=0\)",
+        r" failed=0, claimed=0, retried=0, dead_lettered=0, running=0, held=0\)",
         basics,
     ), basics
 
