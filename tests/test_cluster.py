@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import socket
@@ -15,6 +16,7 @@ import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
 
 from helpers import wait_until as until
 from redcurrent import CleanupPolicy, Message, StartFrom, StopReason, StreamConsumer, Topic
@@ -284,11 +286,14 @@ async def test_a_connection_torn_down_by_the_cluster_client_is_a_transient_fault
     background task when it re-initialises (every 5th MOVED, CLUSTERDOWN): a
     command on one of them at that moment fails with ``AttributeError`` inside
     redis-py. During a reshard this stopped consumers; it is a fault to retry."""
+    if not hasattr(cluster.nodes_manager, "aclose"):
+        pytest.skip("this redis-py's cluster client has no nodes_manager.aclose()")
     seen: list[BaseException] = []
 
     async def reinitialise(stop: anyio.Event) -> None:
         while not stop.is_set():
-            await cluster.nodes_manager.aclose()  # what every 5th MOVED does
+            with contextlib.suppress(redis.RedisError, RedisClusterException):  # old clients
+                await cluster.nodes_manager.aclose()  # what every 5th MOVED does
             await anyio.sleep(random.random() * 0.003)
 
     stop = anyio.Event()
@@ -300,8 +305,8 @@ async def test_a_connection_torn_down_by_the_cluster_client_is_a_transient_fault
                     await cluster.get("k")
                 except AttributeError as exc:
                     seen.append(exc)
-                except redis.RedisError:
-                    pass
+                except (redis.RedisError, RedisClusterException):
+                    pass  # (not a RedisError before redis-py 5.1)
         stop.set()
     if not seen:
         pytest.skip("this redis-py did not tear a connection down under a command")
@@ -329,5 +334,8 @@ async def test_scheduled_messages_on_a_cluster(cluster: RedisCluster, stream: st
         assert (await topic.info()).scheduled == 1
         assert await topic.cancel_scheduled(later) is True
         await topic.terminate()
-        assert await consumer.done() == StopReason.TERMINATED
+        # Without cluster pub/sub (redis-py < 5.1) the terminate notice cannot
+        # arrive: the consumer sees the stream vanish and reports DELETED.
+        expected = StopReason.TERMINATED if hasattr(cluster, "pubsub") else StopReason.DELETED
+        assert await consumer.done() == expected
     assert await cluster.exists(topic.keys.scheduled, topic.keys.scheduled_data) == 0
