@@ -29,9 +29,9 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import anyio
 
@@ -39,9 +39,6 @@ from ._keys import TopicKeys
 from ._member import GroupMember
 from ._redis import AnyRedis, as_str
 from .errors import ConfigurationError
-
-if TYPE_CHECKING:
-    from ._topic import Topic
 
 __all__ = [
     "CANCEL_SCHEDULED",
@@ -52,8 +49,7 @@ __all__ = [
     "Mover",
     "cancel",
     "due_spec",
-    "schedule",
-    "schedule_many",
+    "schedule_entries",
 ]
 
 #: The most messages one run of :data:`MOVE_DUE` moves. A run blocks the
@@ -224,51 +220,24 @@ def _fields(raw_type: bytes, body: bytes, meta: bytes) -> tuple[bytes, ...]:
     return (b"type", raw_type, b"data", body, b"metadata", meta)
 
 
-async def schedule(
-    topic: Topic,
-    message_type: str,
-    data: Any,
-    metadata: Mapping[str, str] | None,
+async def schedule_entries(
+    redis: AnyRedis,
+    keys: TopicKeys,
     when: tuple[str, int],
-) -> str:
-    """Schedule one message (checked as ``publish`` checks it); its schedule id."""
-    entry = _fields(*topic._entry(message_type, data, metadata))
-    return (await _send(topic.redis, topic.keys, when, [entry]))[0]
-
-
-async def schedule_many(topic: Topic, items: Iterable[Any], when: tuple[str, int]) -> list[str]:
-    """Schedule many messages for one due time, in chunks; their ids in order.
-
-    Every item is checked before the first chunk is sent only when all fit
-    in one chunk, as with ``publish_many``.
-    """
-    try:
-        iterator = iter(items)
-    except TypeError:
-        raise ConfigurationError(
-            "publish_many takes an iterable of (type, data) or (type, data, metadata) "
-            f"tuples, got {items.__class__.__name__}"
-        ) from None
+    entries: Iterable[tuple[bytes, bytes, bytes]],
+) -> list[str]:
+    """Schedule checked ``(type, data, metadata)`` entries for one due time, in
+    chunks; their schedule ids in order. ``entries`` may be a generator that
+    checks items as it goes: an invalid item raises before its chunk is sent."""
     ids: list[str] = []
     chunk: list[tuple[bytes, ...]] = []
-    for index, item in enumerate(iterator):
-        if not isinstance(item, tuple | list) or len(item) not in (2, 3, 4):
-            raise ConfigurationError(
-                f"publish_many item {index}: expected a (type, data) or (type, data, "
-                f"metadata) tuple, got {item.__class__.__name__} {item!r:.80}"
-            )
-        if len(item) == 4 and item[3] is not None:
-            raise ConfigurationError(
-                f"publish_many item {index}: an idempotency key cannot be combined with "
-                "delay= or at="
-            )
-        metadata = item[2] if len(item) >= 3 else None
-        chunk.append(_fields(*topic._entry(item[0], item[1], metadata, index)))
+    for entry in entries:
+        chunk.append(_fields(*entry))
         if len(chunk) >= SCHEDULE_CHUNK:
-            ids += await _send(topic.redis, topic.keys, when, chunk)
+            ids += await _send(redis, keys, when, chunk)
             chunk = []
     if chunk:
-        ids += await _send(topic.redis, topic.keys, when, chunk)
+        ids += await _send(redis, keys, when, chunk)
     return ids
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -179,7 +179,8 @@ class Topic:
             when = _schedule.due_spec(delay, at)
             _immediate_only(maxlen=maxlen, idempotency_key=idempotency_key)
             with self._denials("publish (scheduled)"):
-                return await _schedule.schedule(self, message_type, data, metadata, when)
+                entry = self._entry(message_type, data, metadata)
+                return (await _schedule.schedule_entries(self._redis, self.keys, when, [entry]))[0]
         if idempotency_key is not None:
             entry = self._entry(message_type, data, metadata)
             key = check_key(idempotency_key)
@@ -224,16 +225,11 @@ class Topic:
         if delay is not None or at is not None:
             when = _schedule.due_spec(delay, at)
             _immediate_only(maxlen=maxlen)
+            entries = self._scheduled_entries(items)
             with self._denials("publish_many (scheduled)"):
-                return await _schedule.schedule_many(self, items, when)
+                return await _schedule.schedule_entries(self._redis, self.keys, when, entries)
         head = b"" if maxlen is None else str(_check_maxlen(maxlen)).encode()
-        try:
-            iterator = iter(items)
-        except TypeError:
-            raise ConfigurationError(
-                "publish_many takes an iterable of (type, data) or (type, data, metadata) "
-                f"tuples, got {items.__class__.__name__}"
-            ) from None
+        iterator = _iterate(items)
         ids: list[str] = []
         args: list[Any] = [head]
         keys: list[str | None] = []
@@ -242,26 +238,7 @@ class Topic:
         limit = 1 + 3 * PUBLISH_CHUNK
         entry = self._entry
         for index, item in enumerate(iterator):
-            if item.__class__ is not tuple and not isinstance(item, tuple | list):
-                raise ConfigurationError(
-                    f"publish_many item {index}: expected a (type, data), (type, data, "
-                    "metadata) or (type, data, metadata, idempotency_key) tuple, got "
-                    f"{item.__class__.__name__} {_short(item)}"
-                )
-            key = None
-            if len(item) == 2:
-                message_type, data = item
-                metadata = None
-            elif len(item) == 3:
-                message_type, data, metadata = item
-            elif len(item) == 4:
-                message_type, data, metadata, key = item
-            else:
-                raise ConfigurationError(
-                    f"publish_many item {index}: items are (type, data), (type, data, "
-                    f"metadata) or (type, data, metadata, idempotency_key), got {len(item)} "
-                    f"values: {_short(item)}"
-                )
+            message_type, data, metadata, key = _unpack(item, index)
             raw_type, body, meta = entry(message_type, data, metadata, index)
             if key is not None:
                 key = check_key(key, _where(index))
@@ -278,6 +255,18 @@ class Topic:
         if len(args) > 1:
             ids += await self._send_chunk(args, keys, keyed)
         return ids
+
+    def _scheduled_entries(self, items: Iterable[Any]) -> Iterator[tuple[bytes, bytes, bytes]]:
+        """``publish_many`` items checked and encoded one by one, for scheduling
+        (which takes no idempotency keys)."""
+        for index, item in enumerate(_iterate(items)):
+            message_type, data, metadata, key = _unpack(item, index)
+            if key is not None:
+                raise ConfigurationError(
+                    f"publish_many item {index}: an idempotency key cannot be combined with "
+                    "delay= or at="
+                )
+            yield self._entry(message_type, data, metadata, index)
 
     async def _send_chunk(self, args: list[Any], keys: list[str | None], keyed: bool) -> list[str]:
         if not keyed:
@@ -428,6 +417,37 @@ def _iterable(value: object) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _iterate(items: Iterable[Any]) -> Iterator[Any]:
+    try:
+        return iter(items)
+    except TypeError:
+        raise ConfigurationError(
+            "publish_many takes an iterable of (type, data) or (type, data, metadata) "
+            f"tuples, got {items.__class__.__name__}"
+        ) from None
+
+
+def _unpack(item: Any, index: int) -> tuple[Any, Any, Any, Any]:
+    """A ``publish_many`` item as ``(type, data, metadata, idempotency_key)``."""
+    if item.__class__ is not tuple and not isinstance(item, tuple | list):
+        raise ConfigurationError(
+            f"publish_many item {index}: expected a (type, data), (type, data, "
+            "metadata) or (type, data, metadata, idempotency_key) tuple, got "
+            f"{item.__class__.__name__} {_short(item)}"
+        )
+    if len(item) == 2:
+        return item[0], item[1], None, None
+    if len(item) == 3:
+        return item[0], item[1], item[2], None
+    if len(item) == 4:
+        return item[0], item[1], item[2], item[3]
+    raise ConfigurationError(
+        f"publish_many item {index}: items are (type, data), (type, data, "
+        f"metadata) or (type, data, metadata, idempotency_key), got {len(item)} "
+        f"values: {_short(item)}"
+    )
 
 
 def _short(value: object, limit: int = 80) -> str:
