@@ -80,6 +80,7 @@ from redcurrent._claim import Claimer
 from redcurrent._codec import encode_fields
 from redcurrent._dead import DeadLetterWriter
 from redcurrent._dispatch import Counters, Dispatcher
+from redcurrent._handlers import handler_spec
 from redcurrent._inflight import InFlight
 from redcurrent._keys import TopicKeys
 from redcurrent._lease import LeaseKeeper
@@ -327,8 +328,8 @@ class BookkeepingMachine(RuleBasedStateMachine):
             entry_id = f"1-{n + 1}"
             self.ids.append(await redis.execute_command("XADD", self.stream, entry_id, *fields))
         router = RouteTable()
-        router.add("one", self._handle_one, None)
-        router.add("many", self._handle_many, None, batch=True, size=BATCH_SIZE)
+        router.include(handler_spec("one", self._handle_one))
+        router.include(handler_spec("many", self._handle_many, batch=True, size=BATCH_SIZE))
         self.member = member = GroupMember(redis, self.keys, GROUP, ME)
         # No timed waits: every step must be deterministic.
         self.inflight = inflight = InFlight(self.prefetch, batch_wait=0)

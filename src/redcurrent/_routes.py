@@ -6,9 +6,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ._codec import PayloadDecoder, payload_decoder
-from ._config import RetryPolicy
 from ._context import Context
-from ._handlers import HandlerSpec, handler_spec
+from ._handlers import HandlerSpec
 from ._message import Message
 from .errors import ConfigurationError
 
@@ -75,31 +74,6 @@ class RouteTable:
         self.routes: dict[str, Route] = {}
         self.catch_all: Route | None = None
         self.context = context
-
-    def add(
-        self,
-        message_type: str,
-        fn: Callable[..., Awaitable[Any]],
-        model: Any = None,
-        *,
-        batch: bool = False,
-        size: int | None = None,
-        timeout: float | None = None,
-        retry: RetryPolicy | None = None,
-        max_deliveries: int | None = None,
-    ) -> None:
-        self.include(
-            handler_spec(
-                message_type,
-                fn,
-                model,
-                batch=batch,
-                size=size,
-                timeout=timeout,
-                retry=retry,
-                max_deliveries=max_deliveries,
-            )
-        )
 
     def include(self, spec: HandlerSpec) -> None:
         message_type = spec.message_type
