@@ -389,3 +389,64 @@ async def test_after_a_stall_past_claim_idle_queued_entries_peers_took_are_not_s
     rows = await redis_client.xpending_range("stall", "g", "-", "+", 10)
     assert sorted(r["message_id"].decode() for r in rows) == sorted(ids[1:])
     assert {r["consumer"].decode() for r in rows} == {"thief"}
+
+
+async def test_a_read_reply_that_waited_out_a_stall_is_not_started_when_peers_took_it(
+    redis_client: aredis.Redis, redis_url: str
+) -> None:
+    """A read sent just before the process froze (or its loop blocked) may
+    deliver entries whose reply waits in the socket past ``claim_idle``: by
+    then peers may have claimed them. Entries are leased from the moment their
+    read was sent, so workers wait for a lease refresh that covers them."""
+    import threading
+
+    import redis as sync_redis
+
+    claim_idle = 2.0
+    topic = Topic(redis_client, "late")
+    first = await topic.publish("job", {"n": 0})
+    consumer = StreamConsumer(
+        redis_client,
+        "late",
+        "g",
+        "me",
+        start=StartFrom.EARLIEST,
+        concurrency=1,
+        claim_idle=claim_idle,
+    )
+    started: list[tuple[str, float]] = []
+    late: list[str] = []
+    claimed_at: list[float] = []
+
+    def publish_then_steal() -> None:
+        client = sync_redis.Redis.from_url(redis_url)
+        try:
+            # The consumer's read is waiting: these go into its reply at once.
+            for n in range(1, 6):
+                late.append(client.xadd("late", {"type": "job", "data": f'{{"n": {n}}}'}).decode())
+            time.sleep(claim_idle + 1.3)  # idle past claim_idle, the consumer frozen
+            client.xclaim("late", "g", "thief", int(claim_idle * 1000), late, justid=True)
+            claimed_at.append(time.monotonic())
+        finally:
+            client.close()
+
+    @consumer.handler("job")
+    async def handle(msg: Message[Any]) -> None:
+        started.append((msg.id, time.monotonic()))
+        if msg.id == first:
+            await anyio.sleep(0.1)  # the reader sends its next (blocking) read
+            thread = threading.Thread(target=publish_then_steal, daemon=True)
+            thread.start()
+            time.sleep(claim_idle + 2.0)  # noqa: ASYNC251 - a frozen process
+            thread.join()
+
+    async with consumer:
+        await until(lambda: bool(claimed_at) and consumer.stats.held == 0, timeout=20)
+        await consumer.stop()
+    # Whatever the consumer started of the late entries, it started once they
+    # were idle under the thief for claim_idle (claimed back), never before.
+    assert started[0][0] == first
+    assert late
+    assert claimed_at
+    too_early = [i for i, at in started[1:] if at < claimed_at[0] + claim_idle]
+    assert too_early == [], (too_early, started, claimed_at)

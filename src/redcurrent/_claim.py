@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -59,6 +60,7 @@ async def recover_own_pending(
     total = 0
     while True:
         n = await inflight.reserve(count)
+        since = time.monotonic()
         try:
             reply = await member.call(
                 "XREADGROUP",
@@ -71,6 +73,7 @@ async def recover_own_pending(
             entries = entries_of(reply)
             if entries:
                 counts = await delivery_counts(member, [e[0] for e in entries])
+                inflight.delivered(since)
                 submit(entries, counts)
         finally:
             inflight.unreserve(n)
@@ -142,6 +145,7 @@ class Claimer:
     async def _claim(self, n: int) -> int:
         member = self._member
         start = self.cursor
+        since = time.monotonic()
         reply = await member.call(
             "XAUTOCLAIM",
             functools.partial(
@@ -180,6 +184,7 @@ class Claimer:
         logger.info(
             "%r: claimed %d idle entries (first %s)", member, len(entries), entries[0][0].decode()
         )
+        self._inflight.delivered(since)
         self._submit(entries, counts)
         return len(entries)
 

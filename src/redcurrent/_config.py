@@ -258,7 +258,7 @@ class ConsumerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     block: float = 5.0
     """How long one XREADGROUP waits for new entries; an idle consumer sends
     about one command per ``block``. Shortened to fit within the client's socket
-    timeout."""
+    timeout, and to at most half of ``claim_idle``."""
     consumer_idle_timeout: float = 3600.0
     """Other consumers of the group idle this long and holding nothing are
     deleted from the group."""

@@ -72,6 +72,13 @@ class InFlight:
         #: workers start nothing until the next refresh has said what was lost.
         #: Infinite until a lease keeper runs.
         self.lease_until = math.inf
+        #: how long a delivery or a refresh keeps an entry ours (``claim_idle``);
+        #: infinite until a lease keeper runs.
+        self.lease_span = math.inf
+        #: the earliest lapse among entries delivered since the running (or
+        #: next) refresh took its list of what is held: that refresh does not
+        #: vouch for them.
+        self._unlisted_until = math.inf
         self._lease_renewed: anyio.Event | None = None
         self._recount: dict[bytes, int] = {}
         self._recount_wanted = anyio.Event()
@@ -80,9 +87,27 @@ class InFlight:
         self._countdown = 0
 
     # -- the lease ------------------------------------------------------------
+    def to_refresh(self) -> list[bytes]:
+        """What a lease refresh starting now renews: everything held."""
+        self._unlisted_until = math.inf
+        return list(self.held)
+
+    def delivered(self, since: float) -> None:
+        """A read or claim sent at ``since`` (monotonic) delivered entries:
+        the server leased them to us no earlier than that, so they are safe
+        only until ``since + lease_span``. A reply that arrives later than
+        that (the process was frozen while the reply waited in the socket)
+        makes workers wait for a refresh that covers them."""
+        until = since + self.lease_span
+        if until < self.lease_until:
+            self.lease_until = until
+        if until < self._unlisted_until:
+            self._unlisted_until = until
+
     def renew_lease(self, until: float) -> None:
-        """A lease refresh succeeded: what is held is ours until ``until``."""
-        self.lease_until = until
+        """A lease refresh succeeded: what it listed is ours until ``until``;
+        what was delivered after it took its list, as long as its delivery says."""
+        self.lease_until = min(until, self._unlisted_until)
         if self._lease_renewed is not None:
             self._lease_renewed.set()
             self._lease_renewed = None

@@ -33,6 +33,7 @@ class LeaseKeeper:
         self._member = member
         self._inflight = inflight
         self.interval = interval
+        inflight.lease_span = interval * 3
 
     async def run(self) -> None:
         """Refresh every ``interval`` (``claim_idle / 3``), and keep
@@ -50,7 +51,7 @@ class LeaseKeeper:
 
     async def refresh(self) -> None:
         """Renew the lease of everything held."""
-        await self._set_idle(list(self._inflight.held), 0)
+        await self._set_idle(self._inflight.to_refresh(), 0)
 
     async def hand_back(self, idle: float) -> None:
         """On stop: make everything this consumer has pending claimable by

@@ -7,6 +7,7 @@ the room they hold is free for that very read instead of one round trip later.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ._ack import Acker
@@ -51,6 +52,7 @@ class Reader:
             # cheaper, which matters at low rates (latency). Taking them gives
             # their room back: they are sent ahead of the read below.
             ids = acker.take() if acker is not None and inflight.free() < 0 else []
+            since = time.monotonic()
             try:
                 reply = await self._call("XREADGROUP", lambda n=n, ids=ids: self._read(n, ids))  # type: ignore[misc]
             except BaseException:
@@ -62,6 +64,7 @@ class Reader:
                 entries = entries_of(reply)
                 if entries:
                     member.last_read = entries[-1][0]
+                    inflight.delivered(since)
                     submit(entries, None)
             finally:
                 inflight.unreserve(n)

@@ -84,7 +84,11 @@ class Runtime:
         self.dispatcher: Dispatcher | None = None
         self._owns_client = owns_client
         self._label = label
-        self._block = block_within_socket_timeout(redis, settings.block)
+        # A read's entries are leased from the moment it was sent (see
+        # ``InFlight.delivered``): a read blocking past claim_idle would make
+        # the workers wait for a lease refresh before starting what it brought.
+        block = min(settings.block, settings.claim_idle / 2)
+        self._block = block_within_socket_timeout(redis, block)
         self._services: anyio.abc.TaskGroup | None = None
         self._feed_scope: anyio.CancelScope | None = None
         self._work_scope: anyio.CancelScope | None = None
