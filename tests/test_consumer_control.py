@@ -417,16 +417,29 @@ async def test_a_read_reply_that_waited_out_a_stall_is_not_started_when_peers_to
     started: list[tuple[str, float]] = []
     late: list[str] = []
     claimed_at: list[float] = []
+    stolen: list[str] = []
+
+    async def read_waiting() -> bool:
+        clients = await redis_client.client_list()
+        return any(c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "") for c in clients)
 
     def publish_then_steal() -> None:
         client = sync_redis.Redis.from_url(redis_url)
         try:
-            # The consumer's read is waiting: these go into its reply at once.
-            for n in range(1, 6):
-                late.append(client.xadd("late", {"type": "job", "data": f'{{"n": {n}}}'}).decode())
+            # The consumer's read is waiting: these go into its reply at once
+            # (in one transaction, so that the read wakes up to all of them).
+            # Megabytes of reply: more than the sockets buffer, so that after
+            # the stall it arrives over several loop iterations, as it does
+            # from a busy server, and the lease refresh can go first.
+            pipe = client.pipeline(transaction=True)
+            pad = "x" * 20_000
+            for n in range(1, 201):
+                pipe.xadd("late", {"type": "job", "data": f'{{"n": {n}, "pad": "{pad}"}}'})
+            late.extend(i.decode() for i in pipe.execute())
             time.sleep(claim_idle + 1.3)  # idle past claim_idle, the consumer frozen
-            client.xclaim("late", "g", "thief", int(claim_idle * 1000), late, justid=True)
+            taken = client.xclaim("late", "g", "thief", int(claim_idle * 1000), late, justid=True)
             claimed_at.append(time.monotonic())
+            stolen.extend(i.decode() for i in taken)
         finally:
             client.close()
 
@@ -434,19 +447,20 @@ async def test_a_read_reply_that_waited_out_a_stall_is_not_started_when_peers_to
     async def handle(msg: Message[Any]) -> None:
         started.append((msg.id, time.monotonic()))
         if msg.id == first:
-            await anyio.sleep(0.1)  # the reader sends its next (blocking) read
+            await until(read_waiting)  # the reader's next (blocking) read is out
             thread = threading.Thread(target=publish_then_steal, daemon=True)
             thread.start()
             time.sleep(claim_idle + 2.0)  # noqa: ASYNC251 - a frozen process
             thread.join()
 
     async with consumer:
-        await until(lambda: bool(claimed_at) and consumer.stats.held == 0, timeout=20)
+        # The late entries come back when idle under the thief for claim_idle.
+        await until(lambda: consumer.stats.handled == 1 + len(late), timeout=30)
         await consumer.stop()
     # Whatever the consumer started of the late entries, it started once they
     # were idle under the thief for claim_idle (claimed back), never before.
     assert started[0][0] == first
     assert late
-    assert claimed_at
+    assert stolen == late  # delivered to the frozen consumer, then taken
     too_early = [i for i, at in started[1:] if at < claimed_at[0] + claim_idle]
     assert too_early == [], (too_early, started, claimed_at)
