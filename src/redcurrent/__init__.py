@@ -17,6 +17,7 @@ from ._message import (
 )
 from ._router import Router
 from ._routes import BatchHandlerObject, HandlerObject
+from ._serve import run, serve
 from ._topic import Topic
 from ._version import __version__
 from .errors import (
@@ -68,6 +69,8 @@ __all__ = [
     "TopicKeys",
     "ValidationError",
     "__version__",
+    "run",
+    "serve",
 ]
 
 # Show ``redcurrent.X`` in reprs, tracebacks and docs rather than the private

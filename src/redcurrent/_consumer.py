@@ -15,6 +15,7 @@ from types import TracebackType
 
 import anyio
 import anyio.abc
+import msgspec
 
 from ._config import DEFAULT_RETRY, BatchConfig, CleanupPolicy, ConsumerConfig, RetryPolicy
 from ._context import Context
@@ -52,7 +53,7 @@ class StreamConsumer(Registrar):
 
     # Slots: setting an option after construction (``consumer.claim_idle = 1``)
     # is an AttributeError instead of a silent no-op; options live in ``config``.
-    __slots__ = ("_config", "_keys", "_routes", "_run", "_tg")
+    __slots__ = ("_config", "_keys", "_named", "_routes", "_run", "_tg")
 
     def __init__(
         self,
@@ -97,6 +98,7 @@ class StreamConsumer(Registrar):
             retry=retry,
         )
         self._setup(redis, config)
+        self._named = name is not None
 
     @classmethod
     def from_config(cls, redis: AnyRedis, config: ConsumerConfig) -> StreamConsumer:
@@ -104,6 +106,7 @@ class StreamConsumer(Registrar):
         line), validated once by :class:`ConsumerConfig`."""
         consumer = cls.__new__(cls)
         consumer._setup(redis, config)
+        consumer._named = True
         return consumer
 
     def _setup(self, redis: AnyRedis, config: ConsumerConfig) -> None:
@@ -120,6 +123,20 @@ class StreamConsumer(Registrar):
             client, config, self._routes, owns_client=client is not redis, label=repr(self)
         )
         self._tg: anyio.abc.TaskGroup | None = None
+
+    def _rename(self, name: str) -> None:
+        """Before start: a worker gives a consumer whose name was left to the
+        default its stable one (see ``_names``); handlers stay registered."""
+        run = self._run
+        if run.started:
+            raise ConsumerStateError(f"{self!r} is started: it cannot be renamed")
+        config = msgspec.structs.replace(self._config, name=check_name(name, "a consumer name"))
+        self._config = config
+        if self._routes.context is not None:
+            self._routes.context._rename(name)
+        self._run = Runtime(
+            run.redis, config, self._routes, owns_client=run.owns_client, label=repr(self)
+        )
 
     @property
     def config(self) -> ConsumerConfig:

@@ -56,6 +56,10 @@ class Context:
         names: Mapping[str, object] = {"stream": topic.name, "group": group, "consumer": consumer}
         self._logger = _HandlerLog(logging.getLogger(HANDLER_LOGGER), names)
 
+    def _rename(self, consumer: str) -> None:
+        """The consumer was given its worker name before it started."""
+        self.__init__(self._topic, consumer=consumer, group=self._group)  # type: ignore[misc]
+
     @property
     def topic(self) -> Topic:
         """The consumer's topic: ``await ctx.topic.publish(...)``,

@@ -98,6 +98,7 @@ class TopicKeys:
         "stopped",
         "stream",
         "tag",
+        "workers",
     )
 
     stream: str
@@ -119,6 +120,9 @@ class TopicKeys:
     """The sorted set of scheduled messages: schedule id -> due time (ms)."""
     scheduled_data: str
     """The hash of scheduled messages' fields: schedule id -> msgpack array."""
+    workers: str
+    """The hash of worker consumer names in use (see ``_names``): group and
+    name -> holder and expiry."""
 
     def __init__(self, stream: str) -> None:
         self.stream = stream = check_name(stream, "a stream name")
@@ -131,6 +135,7 @@ class TopicKeys:
         self.scheduled = f"{base}:scheduled"
         self.idempotency_epoch = f"{base}:idempotency-epoch"
         self.scheduled_data = f"{base}:scheduled-data"
+        self.workers = f"{base}:workers"
 
     def owned(self) -> tuple[str, ...]:
         """Every key (not channel) the library may create for this topic, stream first."""
@@ -142,6 +147,7 @@ class TopicKeys:
             self.scheduled,
             self.scheduled_data,
             self.idempotency_epoch,
+            self.workers,
         )
 
     def idempotency(self, key: str) -> str:

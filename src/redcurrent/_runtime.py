@@ -82,7 +82,7 @@ class Runtime:
         self.done = anyio.Event()
         self.inflight: InFlight | None = None
         self.dispatcher: Dispatcher | None = None
-        self._owns_client = owns_client
+        self.owns_client = owns_client
         self._label = label
         # A read's entries are leased from the moment it was sent (see
         # ``InFlight.delivered``): a read blocking past claim_idle would make
@@ -225,7 +225,7 @@ class Runtime:
         finally:
             if self.stop_reason is None:
                 self.stop_reason = StopReason.STOPPED
-            if self._owns_client and isinstance(redis, aredis.Redis):
+            if self.owns_client and isinstance(redis, aredis.Redis):
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
                     await redis.connection_pool.disconnect()
             logger.info("%s stopped: %s", self, self.stop_reason.value)
