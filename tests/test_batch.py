@@ -177,7 +177,10 @@ async def test_typed_batches_and_invalid_entries(redis_client: aredis.Redis) -> 
     assert "$.n" in letter.reason
 
 
-async def test_partial_batches_are_flushed_on_stop(redis_client: aredis.Redis) -> None:
+async def test_partial_batches_are_handed_back_on_stop(redis_client: aredis.Redis) -> None:
+    """A batch not started when the stop comes is let go, not run: its
+    messages stay pending, handed back, so a peer (or the same worker
+    restarted) takes them at once."""
     topic = Topic(redis_client, "b")
     consumer = consumer_for(redis_client)
     got: list[int] = []
@@ -189,7 +192,15 @@ async def test_partial_batches_are_flushed_on_stop(redis_client: aredis.Redis) -
     async with consumer:
         await topic.publish_many([("job", {}) for _ in range(5)])
         await until(lambda: consumer.stats.received == 5)
-    assert got == [5]
+    assert got == []
+    rows = await redis_client.xpending_range("b", "g", "-", "+", 10)
+    assert len(rows) == 5
+    assert min(r["time_since_delivered"] for r in rows) >= 30_000  # claimable at once
+
+    peer = consumer_for(redis_client)
+    peer.batch_handler("job", size=5, timeout=60)(handle)
+    async with peer:
+        await until(lambda: got == [5])
     assert (await redis_client.xpending("b", "g"))["pending"] == 0
 
 

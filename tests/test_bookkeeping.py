@@ -200,6 +200,8 @@ class BookkeepingMachine(RuleBasedStateMachine):
         self.resumed: set[bytes] = set()
         #: entries resumed after close(): dropped from parked, left held for hand-back.
         self.dropped: set[bytes] = set()
+        #: ids queued or batched when the stop came: let go, still pending.
+        self.let_go: set[bytes] = set()
         self.closing = False
         self.hard = False
         self.workers_done = False
@@ -642,9 +644,12 @@ class BookkeepingMachine(RuleBasedStateMachine):
         self._step(self.d.flush_batches)
 
     def _close(self) -> None:
-        # What Runtime.request_stop does: no more intake, partial batches go now.
+        # What Runtime.request_stop does: no more intake; what is queued or in
+        # an open batch is let go (stays pending, for the hand-back).
         for feeder in self.feeders.values():
             feeder.scope.cancel()
+        waiting, _ = self._whereabouts()
+        self.let_go |= waiting - set(self.inflight.parked)
         self.d.close()
         self.closing = True
 
@@ -780,7 +785,8 @@ class BookkeepingMachine(RuleBasedStateMachine):
                 assert owner == ME.encode(), (raw, owner)
                 assert count >= item[2], (raw, count, item[2])
         for raw, (owner, _) in self.pel.items():
-            if owner == ME.encode() and raw not in held and raw not in self.unsent:
+            let_go = raw in self.let_go
+            if owner == ME.encode() and raw not in held and raw not in self.unsent and not let_go:
                 assert self.last.get(raw) == "fail", (
                     f"{raw!r} is pending for this consumer, which neither holds it nor "
                     f"saw its handler fail (last: {self.last.get(raw)})"
@@ -841,6 +847,8 @@ class BookkeepingMachine(RuleBasedStateMachine):
                 places.append("lost to the other consumer")
             if owner == ME.encode() and raw not in inf.held and self.last.get(raw) == "fail":
                 places.append("pending for a retry")
+            elif owner == ME.encode() and raw not in inf.held and raw in self.let_go:
+                places.append("let go at the stop, to be handed back")
             if raw not in self.delivered and owner is None:
                 places.append("never delivered")
             assert len(places) == 1, f"entry {raw!r} ends {places or 'nowhere'}"

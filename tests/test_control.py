@@ -216,6 +216,7 @@ async def test_terminate_deletes_every_owned_key_and_notifies(redis_client: ared
     # What a key remembers is not owned: it expires by itself (the epoch goes).
     remembered = {topic.keys.idempotency("k").encode()}
     await topic.publish("email", {"to": "c"}, delay=3600)  # scheduled and its payload
+    await redis_client.hset(topic.keys.workers, "w", "1 0")  # worker names
     owned = {k.encode() for k in topic.keys.owned()}
     assert await _owned_keys(redis_client, topic) == owned | remembered
 

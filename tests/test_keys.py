@@ -79,6 +79,7 @@ def test_owned_lists_every_key() -> None:
         keys.idempotency_epoch,
         keys.scheduled,
         keys.scheduled_data,
+        keys.workers,
     }
     assert keys.control_channel not in keys.owned()
     assert repr(keys) == "TopicKeys('orders')"

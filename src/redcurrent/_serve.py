@@ -78,8 +78,32 @@ async def serve(*consumers: StreamConsumer, stable_names: bool = True) -> int:
     if len({id(c) for c in consumers}) != len(consumers):
         raise ConfigurationError("serve() got the same consumer twice")
     signals = _Signals()
-    async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as tg:
+    async with anyio.create_task_group() as tg:
         await tg.start(signals.watch)
+        try:
+            if not await _run_all(consumers, signals, tg, stable_names=stable_names):
+                return EXIT_FAILED
+        finally:
+            tg.cancel_scope.cancel()  # the signal watcher and the name keepers
+    reasons = [c.stop_reason for c in consumers]
+    for consumer in consumers:
+        if consumer.stop_reason is StopReason.FAILED:
+            logger.error("%s failed: %s", consumer, consumer.error)
+    code = exit_code(reasons)
+    logger.info("stopped (exit code %d)", code)
+    return code
+
+
+async def _run_all(
+    consumers: tuple[StreamConsumer, ...],
+    signals: _Signals,
+    tg: anyio.abc.TaskGroup,
+    *,
+    stable_names: bool,
+) -> bool:
+    """Start every consumer, wait for a signal or for one to stop, stop all
+    and wait for them; False when one could not start."""
+    async with contextlib.AsyncExitStack() as stack:
         names = await _name_workers(consumers) if stable_names else {}
         for name in names.values():
             stack.push_async_callback(name.release)  # after the consumers stopped
@@ -92,9 +116,7 @@ async def serve(*consumers: StreamConsumer, stable_names: bool = True) -> int:
         except (RedcurrentError, OSError) as exc:
             logger.error("could not start %s: %s", consumer, exc)
             signals.stop_all()
-            await stack.aclose()
-            tg.cancel_scope.cancel()
-            return EXIT_FAILED
+            return False
         for consumer, name in names.items():
             tg.start_soon(_keep_name, consumer, name)
         logger.info("running %s", ", ".join(map(str, consumers)))
@@ -104,14 +126,7 @@ async def serve(*consumers: StreamConsumer, stable_names: bool = True) -> int:
         signals.stop_all()
         for consumer in consumers:
             await consumer.done()
-        tg.cancel_scope.cancel()
-    reasons = [c.stop_reason for c in consumers]
-    for consumer in consumers:
-        if consumer.stop_reason is StopReason.FAILED:
-            logger.error("%s failed: %s", consumer, consumer.error)
-    code = exit_code(reasons)
-    logger.info("stopped (exit code %d)", code)
-    return code
+    return True
 
 
 class _Signals:

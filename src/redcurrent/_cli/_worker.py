@@ -38,6 +38,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "shutdown_timeout": (float, "Seconds a graceful stop waits for running handlers."),
     "block": (float, "Seconds one read waits for new entries."),
     "start": (str, "Where a new group starts: latest, earliest or an entry id."),
+    "start_timeout": (float, "Seconds start-up keeps trying to reach Redis."),
 }
 
 
