@@ -19,7 +19,7 @@ from rich.progress import (
 from .._config import CleanupPolicy
 from .._message import TopicInfo
 from .._topic import Topic
-from ._common import console, echo_json, json_option, require_topic, run, url_option
+from ._common import console, echo_json, json_option, plural, require_topic, run, url_option
 
 __all__ = ["cleanup", "terminate"]
 
@@ -29,18 +29,14 @@ PROGRESS_STEPS: Final = 10
 _DEFAULTS: Final = CleanupPolicy()
 
 
-def _plural(count: int, word: str, words: str = "") -> str:
-    return f"{count} {word}" if count == 1 else f"{count} {words or word + 's'}"
-
-
 def _contents(state: TopicInfo) -> str:
     groups = ", ".join(repr(group.name) for group in state.groups)
     parts = [
-        _plural(state.length, "entry", "entries")
-        + (f" and {_plural(len(state.groups), 'group')} ({groups})" if groups else ""),
-        _plural(state.dead_letters, "dead letter"),
-        _plural(len(state.stopped), "stopped id"),
-        _plural(state.scheduled, "scheduled message"),
+        plural(state.length, "entry", "entries")
+        + (f" and {plural(len(state.groups), 'group')} ({groups})" if groups else ""),
+        plural(state.dead_letters, "dead letter"),
+        plural(len(state.stopped), "stopped id"),
+        plural(state.scheduled, "scheduled message"),
     ]
     return ", ".join(parts)
 
@@ -167,9 +163,9 @@ def cleanup(
         return
     line = f"removed {removed} of {before.length} entries from {stream!r} ({after.length} left)"
     if stopped:
-        line += f"; dropped {_plural(stopped, 'stopped id')} of gone entries"
+        line += f"; dropped {plural(stopped, 'stopped id')} of gone entries"
     if dead_letter_retention is not None:
-        line += f"; removed {_plural(dead, 'dead letter')}"
+        line += f"; removed {plural(dead, 'dead letter')}"
     click.echo(line)
 
 

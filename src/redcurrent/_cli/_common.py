@@ -38,6 +38,7 @@ __all__ = [
     "entry_id_argument",
     "explain",
     "json_option",
+    "plural",
     "redacted",
     "require_topic",
     "run",
@@ -219,3 +220,8 @@ def age(ms: int) -> str:
         return f"{hours}h{minutes:02d}m"
     days, hours = divmod(hours, 24)
     return f"{days}d{hours:02d}h"
+
+
+def plural(count: int, word: str, words: str = "") -> str:
+    """``1 dead letter``, ``2 dead letters``, ``3 entries`` (with ``words``)."""
+    return f"{count} {word}" if count == 1 else f"{count} {words or word + 's'}"

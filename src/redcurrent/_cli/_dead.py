@@ -30,6 +30,7 @@ from ._common import (
     echo_json,
     entry_id_argument,
     json_option,
+    plural,
     require_topic,
     run,
     url_option,
@@ -293,7 +294,8 @@ def replay(
     elif not chosen:
         click.echo(f"no dead letters{' match' if filters.narrowing else ''} in {stream!r}")
     else:
-        click.echo(f"replayed {len(new_ids)} dead letters to {stream!r}: {', '.join(new_ids)}")
+        replayed = plural(len(new_ids), "dead letter")
+        click.echo(f"replayed {replayed} to {stream!r}: {', '.join(new_ids)}")
 
 
 @dead_letters.command("purge")
@@ -326,7 +328,9 @@ def purge(
     chosen = run(url, look)
     if chosen and not yes:
         click.confirm(
-            f"Delete {len(chosen)} dead letters of {stream!r} for good?", abort=True, err=True
+            f"Delete {plural(len(chosen), 'dead letter')} of {stream!r} for good?",
+            abort=True,
+            err=True,
         )
 
     async def act(client: aredis.Redis) -> int:
@@ -336,4 +340,4 @@ def purge(
     if as_json:
         echo_json({"stream": stream, "deleted": deleted, "ids": chosen})
     else:
-        click.echo(f"deleted {deleted} dead letters of {stream!r}")
+        click.echo(f"deleted {plural(deleted, 'dead letter')} of {stream!r}")
