@@ -558,9 +558,14 @@ async def test_malformed_input_is_a_usage_error(run: Run, redis_client: aredis.R
         ("dead-letters", "replay", "orders", "1-0", "nope"),
         ("dead-letters", "purge", "orders", "-", "--yes"),
         ("publish", "orders", "", "{}"),
+        ("info", ""),
+        ("cleanup", "orders", "--min-retention", "inf"),
     ):
         line = failed(await run(*args), code=2)
-        assert "not valid JSON" in line or "id" in line or "metadata" in line or "type" in line
+        assert any(
+            word in line
+            for word in ("not valid JSON", "id", "metadata", "type", "name", "retention")
+        ), line
     assert await redis_client.xlen("orders") == 1
     assert (await topic.info()).stopped == []
     line = failed(await run("info", "orders", url="http://localhost"), code=2)

@@ -19,7 +19,17 @@ from rich.progress import (
 from .._config import CleanupPolicy
 from .._message import TopicInfo
 from .._topic import Topic
-from ._common import console, echo_json, json_option, plural, require_topic, run, url_option
+from ..errors import ConfigurationError
+from ._common import (
+    BadInput,
+    console,
+    echo_json,
+    json_option,
+    plural,
+    require_topic,
+    run,
+    url_option,
+)
 
 __all__ = ["cleanup", "terminate"]
 
@@ -124,11 +134,14 @@ def cleanup(
     Removes the entries of STREAM every group has acknowledged, with the
     library's rules (never one a group still needs), and stopped ids of gone
     entries. Shows a progress bar on a terminal when the stream is long."""
-    policy = CleanupPolicy(
-        min_retention=min_retention,
-        batch_size=batch_size,
-        dead_letter_retention=dead_letter_retention,
-    )
+    try:
+        policy = CleanupPolicy(
+            min_retention=min_retention,
+            batch_size=batch_size,
+            dead_letter_retention=dead_letter_retention,
+        )
+    except ConfigurationError as exc:  # inf or nan, which click's ranges let through
+        raise BadInput(str(exc)) from None
     bar = sys.stdout.isatty() and not as_json
 
     async def body(client: aredis.Redis) -> tuple[int, TopicInfo, TopicInfo]:

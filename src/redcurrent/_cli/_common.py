@@ -9,9 +9,10 @@ ends up in the message shown.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -38,6 +39,7 @@ __all__ = [
     "entry_id_argument",
     "explain",
     "json_option",
+    "open_client",
     "plural",
     "redacted",
     "require_topic",
@@ -127,12 +129,8 @@ def run(url: str, body: Callable[[aredis.Redis], Awaitable[T]]) -> T:
     loop; every failure a user can cause becomes a :class:`click.ClickException`."""
 
     async def main() -> T:
-        client = _client(url)
-        try:
+        async with open_client(url) as client:
             return await body(client)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await client.aclose()
 
     try:
         return anyio.run(main)
@@ -147,11 +145,19 @@ def run(url: str, body: Callable[[aredis.Redis], Awaitable[T]]) -> T:
         raise found from None
 
 
-def _client(url: str) -> aredis.Redis:
+@contextlib.asynccontextmanager
+async def open_client(url: str) -> AsyncIterator[aredis.Redis]:
+    """A client on ``url`` for one command, closed when it ends (also when it
+    is cancelled). Errors are left to :func:`run`'s mapper."""
     try:
-        return aredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT)
+        client = aredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT)
     except ValueError as exc:  # not a redis://, rediss:// or unix:// URL
         raise BadInput(f"invalid --url {redacted(url)!r}: {exc}") from None
+    try:
+        yield client
+    finally:
+        with anyio.CancelScope(shield=True):
+            await client.aclose()
 
 
 def explain(exc: BaseException, url: str) -> click.ClickException | None:
