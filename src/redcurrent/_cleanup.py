@@ -449,7 +449,13 @@ def _bound(now_ms: int, seconds: float) -> str:
     return f"{max(now_ms - math.ceil(seconds * 1000) + 1, 0)}-0"
 
 
-async def cleanup(redis: AnyRedis, keys: TopicKeys, policy: CleanupPolicy | None = None) -> int:
+async def cleanup(
+    redis: AnyRedis,
+    keys: TopicKeys,
+    policy: CleanupPolicy | None = None,
+    *,
+    on_progress: Callable[[int], None] | None = None,
+) -> int:
     """Remove, now, every entry that no consumer group still needs; returns how many.
 
     An entry goes when it is below every group's oldest pending entry, at or
@@ -470,9 +476,12 @@ async def cleanup(redis: AnyRedis, keys: TopicKeys, policy: CleanupPolicy | None
 
     Removal is final: a group created later, even at id ``0``, cannot get
     the removed entries back.
+
+    ``on_progress`` hears the count of every step as it ends, so that a
+    caller can show a long run advancing (the command line's progress bar).
     """
     cleaner = _Cleaner(redis, keys, check_policy(policy) or CleanupPolicy())
-    removed = await cleaner.run()
+    removed = await cleaner.run(on_removed=on_progress)
     if cleaner.stopped_removed or cleaner.dead_letters_removed:
         logger.info(
             "cleanup of %r dropped %d stopped ids of gone entries and %d old dead letters",

@@ -23,7 +23,12 @@ from ._message import DeadLetter
 from ._redis import AnyRedis, as_str
 from ._scripts import DEAD_LETTER, DEAD_LETTER_ESCAPE_PREFIX, DEAD_LETTER_FIELD_PREFIX, REPLAY
 
-__all__ = ["DeadLetterWriter", "read_dead_letters", "replay_dead_letters"]
+__all__ = [
+    "DeadLetterWriter",
+    "delete_dead_letters",
+    "read_dead_letters",
+    "replay_dead_letters",
+]
 
 _P = DEAD_LETTER_FIELD_PREFIX.encode()
 _ESCAPE = DEAD_LETTER_ESCAPE_PREFIX.encode()
@@ -163,6 +168,20 @@ async def replay_dead_letters(
     script = redis.register_script(REPLAY)
     reply = await script(keys=[keys.stream, keys.dead_letters], args=wanted)
     return [as_str(new_id) for new_id in reply if new_id is not None]
+
+
+#: The most ids one ``XDEL`` of :func:`delete_dead_letters` names.
+DELETE_CHUNK = 1000
+
+
+async def delete_dead_letters(redis: AnyRedis, keys: TopicKeys, ids: list[str]) -> int:
+    """``XDEL`` the given dead letters, a chunk of ids per command; returns how
+    many existed. Dead letters are an append-only record of failures, so
+    deleting one is an operator's decision (``redcurrent dead-letters purge``)."""
+    deleted = 0
+    for start in range(0, len(ids), DELETE_CHUNK):
+        deleted += int(await redis.xdel(keys.dead_letters, *ids[start : start + DELETE_CHUNK]))
+    return deleted
 
 
 def _b(value: bytes | str) -> bytes:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -327,15 +327,23 @@ class Topic:
         with self._denials("terminate"):
             await _control.terminate(self._redis, self.keys)
 
-    async def cleanup(self, policy: CleanupPolicy | None = None) -> int:
+    async def cleanup(
+        self,
+        policy: CleanupPolicy | None = None,
+        *,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> int:
         """Remove entries every group has acknowledged; returns how many went.
 
         The same run drops stopped ids whose entries are gone for good and,
         with ``policy.dead_letter_retention``, old dead letters (neither is
         counted in the result). See :func:`redcurrent._cleanup.cleanup`.
+        ``on_progress`` is called after every step (at most
+        ``policy.batch_size`` entries) with the entries it removed, for a
+        progress display; it must not block.
         """
         with self._denials("cleanup"):
-            return await _cleanup.cleanup(self._redis, self.keys, policy)
+            return await _cleanup.cleanup(self._redis, self.keys, policy, on_progress=on_progress)
 
     async def dead_letters(self, count: int = 100, *, start: str = "-") -> list[DeadLetter]:
         """The oldest ``count`` (an int >= 0) dead letters from ``start`` on.
@@ -372,6 +380,22 @@ class Topic:
             return []
         with self._denials("replay_dead_letters"):
             return await _dead.replay_dead_letters(self._redis, self.keys, ids, count=count)
+
+    async def delete_dead_letters(self, ids: Iterable[str]) -> int:
+        """Delete dead letters for good (``XDEL`` on the dead-letter stream);
+        returns how many existed and went. ``ids`` is an iterable of
+        dead-letter ids as :meth:`dead_letters` gives them; ids that are no
+        dead letters (any more) are skipped, so a deletion can be retried. A
+        malformed id raises :class:`ConfigurationError` before anything is
+        deleted."""
+        if isinstance(ids, str | bytes) or not _iterable(ids):
+            raise ConfigurationError(
+                "delete_dead_letters ids must be an iterable of dead-letter ids "
+                f"(e.g. a list), got {_short(ids)}"
+            )
+        wanted = [normalize_id(entry_id) for entry_id in ids]
+        with self._denials("delete_dead_letters"):
+            return await _dead.delete_dead_letters(self._redis, self.keys, wanted)
 
     def _denials(self, what: str) -> AbstractContextManager[None]:
         """A refused key, command or channel as :class:`AccessDeniedError`."""

@@ -1,4 +1,4 @@
-"""python -m redcurrent._cli: the command line without the installed script."""
+"""``python -m redcurrent._cli``: the ``redcurrent`` command without an installed script."""
 
 from . import main
 
