@@ -3,8 +3,9 @@
 At start a consumer first re-reads its own pending entries (a restarted
 consumer of the same name finishes what it had). Then, periodically, it takes
 over entries that any consumer of the group left idle longer than
-``claim_idle`` (XAUTOCLAIM, cursor kept across calls). Live consumers are not
-robbed: they refresh the idle time of what they hold (see ``_lease.py``).
+``claim_idle`` (XAUTOCLAIM, cursor kept across calls), and at once when a
+stopping peer announces that it handed its entries back. Live consumers are
+not robbed: they refresh the idle time of what they hold (see ``_lease.py``).
 """
 
 from __future__ import annotations
@@ -88,7 +89,15 @@ async def recover_own_pending(
 
 class Claimer:
     """The XAUTOCLAIM loop: claims go to ``submit``, and ``flush_acks`` sends
-    the acknowledgements collected so far before each step."""
+    the acknowledgements collected so far before each step.
+
+    A pass walks the group's pending list from ``0-0`` to its end, one step
+    at a time; passes start ``interval`` apart, or at once after :meth:`wake`
+    (a peer handed its entries back on stopping: see ``_control``). Wakes
+    that come before a pass starts share it; one that comes while a pass runs
+    calls for one more pass after it, since the cursor may already be past
+    the entries it announces.
+    """
 
     def __init__(
         self,
@@ -113,6 +122,21 @@ class Claimer:
         self.cursor: bytes = b"0-0"
         self._flush_acks = flush_acks
         self._ack_deleted = member.redis.register_script(ACK_DELETED)
+        self._woken = anyio.Event()
+        #: passes started, and wakes asked for (for tests and debugging).
+        self.passes = 0
+        self.wakes = 0
+        self._between = False
+
+    def wake(self) -> None:
+        """Start a pass now rather than at the end of the interval."""
+        self.wakes += 1
+        self._woken.set()
+
+    @property
+    def waiting(self) -> bool:
+        """Between passes, with no wake pending."""
+        return self._between and not self._woken.is_set()
 
     async def run(self) -> None:
         inflight = self._inflight
@@ -121,11 +145,19 @@ class Claimer:
         # seconds at every step of the pass.
         share = min(self.count, inflight.prefetch // 4)
         while True:
+            # From here on a wake calls for another pass: this one may step
+            # past what it announces before the announcement arrives.
+            self._woken = anyio.Event()
+            self.passes += 1
             inflight.set_claim_share(share)
             await self.claim_once()
-            if self.cursor == b"0-0":
-                inflight.set_claim_share(0)
-                await anyio.sleep(self._interval)
+            while self.cursor != b"0-0":
+                await self.claim_once()
+            inflight.set_claim_share(0)
+            self._between = True
+            with anyio.move_on_after(self._interval):
+                await self._woken.wait()
+            self._between = False
 
     async def claim_once(self) -> int:
         """One XAUTOCLAIM step from the kept cursor; returns entries claimed."""

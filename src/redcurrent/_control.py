@@ -6,9 +6,14 @@ set, so nothing changed between the two is lost, and it re-reads the set
 periodically and after every reconnect, so a consumer that missed a
 notification (pub/sub is fire-and-forget) still converges.
 
-Notifications on ``TopicKeys.control_channel`` are plain text:
-``stop <id>``, ``resume <id>``, ``terminate`` and ``scheduled <due ms>``
-(a scheduled message became the earliest: see ``_schedule``).
+Notifications on ``TopicKeys.control_channel`` are plain text, an action
+word and at most one argument after the first space:
+``stop <id>``, ``resume <id>``, ``terminate``, ``scheduled <due ms>``
+(a scheduled message became the earliest: see ``_schedule``) and
+``handback <group>`` (a stopping consumer of that group made its pending
+entries claimable: see :func:`announce_hand_back`). A listener ignores an
+action it does not know (logged at DEBUG), so a new kind of notice never
+troubles an older consumer (every version has ignored unknown actions).
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from ._scripts import SET_STOPPED, TERMINATE
 from .errors import ConfigurationError
 
 __all__ = [
+    "HAND_BACK",
     "ControlListener",
+    "announce_hand_back",
     "resume_message",
     "stop_message",
     "terminate",
@@ -47,6 +54,8 @@ _BACKOFF_CAP: Final = 1.0
 _SUBSCRIBE_TIMEOUT: Final = 10.0
 _CLOSE_TIMEOUT: Final = 2.0
 _WAKE_INTERVAL: Final = 1.0
+#: The action word of a hand-back notice.
+HAND_BACK: Final = "handback"
 
 
 async def _set_stopped(redis: AnyRedis, keys: TopicKeys, action: str, entry_id: str) -> None:
@@ -85,6 +94,17 @@ async def terminate(redis: AnyRedis, keys: TopicKeys) -> None:
     await script(keys=list(keys.owned()), args=[keys.control_channel])
 
 
+async def announce_hand_back(redis: AnyRedis, keys: TopicKeys, group: str) -> int:
+    """Tell the running consumers of ``group`` that a stopping peer has just
+    made its pending entries claimable, so that they claim them now rather
+    than at their next periodic pass (``claim_idle / 2`` away). Sent after the
+    hand-back, so any claim pass a listener starts on hearing it finds them.
+    Only a hint: a peer that misses it claims them at its next pass all the
+    same. Returns how many subscribers heard it (consumers of every group)."""
+    heard = await redis.publish(keys.control_channel, f"{HAND_BACK} {group}")
+    return int(heard)
+
+
 class ControlListener:
     """A consumer's live view of the topic's stopped ids and of its termination.
 
@@ -98,7 +118,9 @@ class ControlListener:
     only on a *change* after the initial load: ``on_stop``/``on_resume`` once
     the local set is updated, ``on_terminate`` once. ``on_scheduled`` gets the
     due time (server ms) of every ``scheduled`` notice, and None after every
-    (re)subscription, when notices may have been missed.
+    (re)subscription, when notices may have been missed. ``on_hand_back``
+    gets the group named by every ``handback`` notice (any group: the
+    callback tells whether it is its own).
 
     Cost while idle: one blocking read on a dedicated pub/sub connection and
     one SMEMBERS per ``resync_interval``.
@@ -118,6 +140,7 @@ class ControlListener:
         on_resume: Callable[[str], None],
         on_terminate: Callable[[], None],
         on_scheduled: Callable[[int | None], None] | None = None,
+        on_hand_back: Callable[[str], None] | None = None,
         resync_interval: float = 5.0,
     ) -> None:
         if not resync_interval > 0:
@@ -128,6 +151,7 @@ class ControlListener:
         self._on_resume = on_resume
         self._on_terminate = on_terminate
         self._on_scheduled = on_scheduled
+        self._on_hand_back = on_hand_back
         self._interval = float(resync_interval)
         self._stopped: set[str] = set()
         self._loaded = False
@@ -273,6 +297,8 @@ class ControlListener:
                 self._handle(data.decode(errors="replace") if isinstance(data, bytes) else data)
 
     def _handle(self, text: str) -> None:
+        # The argument is everything after the first space: a group name may
+        # hold spaces of its own.
         action, _, entry_id = text.partition(" ")
         if action == "stop" and entry_id:
             if entry_id not in self._stopped:
@@ -289,6 +315,9 @@ class ControlListener:
                 self._terminated = True
                 self._terminated_event.set()
                 self._on_terminate()
+        elif action == HAND_BACK and entry_id:
+            if self._on_hand_back is not None and not self._terminated:
+                self._on_hand_back(entry_id)
         else:
             logger.debug("ignoring unknown control message %r", text)
 

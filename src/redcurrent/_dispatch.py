@@ -450,9 +450,10 @@ class Dispatcher:
         consumer claims it after ``claim_idle``. ``due``: the time shared by
         the messages of a failed batch, so that they come back together."""
         raw_id, _, count = item
-        self.counters.failed += 1
         limit = route.max_deliveries or self.max_deliveries
         asked = isinstance(exc, Retry)
+        if not asked:
+            self.counters.failed += 1  # a Retry is no failure: it was asked for
         detail = str(exc) if isinstance(exc, Exception) else _OWN_CANCEL
         entry_id = raw_id.decode()
         if count >= limit:

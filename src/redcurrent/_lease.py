@@ -53,23 +53,28 @@ class LeaseKeeper:
         """Renew the lease of everything held."""
         await self._set_idle(self._inflight.to_refresh(), 0)
 
-    async def hand_back(self, idle: float) -> None:
+    async def hand_back(self, idle: float) -> int:
         """On stop: make everything this consumer has pending claimable by
         others at once, by setting its idle time to ``idle``. That is what it
         holds, and also what a read or claim cancelled by the stop had already
-        taken on the server but never reached the dispatcher."""
+        taken on the server but never reached the dispatcher. Returns how many
+        entries it handed back (the caller announces them when there are any)."""
         member = self._member
         start: bytes = b"-"
+        handed = 0
         while True:
             rows = await member.own_pending(start, b"+", CHUNK)
             ids = [row["message_id"] for row in rows]
             if ids:
-                await self._set_idle(ids, int(idle * 1000))
+                handed += await self._set_idle(ids, int(idle * 1000))
             if len(rows) < CHUNK:
-                return
+                return handed
             start = b"(" + ids[-1]
 
-    async def _set_idle(self, held: list[bytes], idle_ms: int) -> None:
+    async def _set_idle(self, held: list[bytes], idle_ms: int) -> int:
+        """Set the idle time of those of ``held`` still this consumer's;
+        returns how many were."""
+        done = 0
         for start in range(0, len(held), CHUNK):
             chunk = held[start : start + CHUNK]
             member = self._member
@@ -81,8 +86,10 @@ class LeaseKeeper:
                     args=[member.group, member.name, idle_ms, *chunk],
                 ),
             )
+            done += len(chunk) - len(lost)
             if lost and idle_ms == 0:
                 self._lose(lost)
+        return done
 
     def _lose(self, lost: list[bytes]) -> None:
         still = self._inflight.lose(lost)

@@ -78,12 +78,16 @@ class ConsumerStats(msgspec.Struct, frozen=True, kw_only=True):
     handled: int = 0
     """Messages whose handler finished without error (acknowledged)."""
     failed: int = 0
-    """Handler invocations that raised (the message stays pending)."""
+    """Deliveries whose handler failed: raised an exception, or was named in a
+    :class:`BatchError` (each message of a failed batch counts). A handler
+    that raises :class:`Retry` has not failed and is not counted here; its
+    message counts in ``retried`` when this consumer runs it again."""
     claimed: int = 0
     """Entries taken over from idle consumers with XAUTOCLAIM."""
     retried: int = 0
-    """Failed messages this consumer kept and delivered again itself, after
-    their :class:`RetryPolicy` delay."""
+    """Messages whose handler failed or raised :class:`Retry` that this
+    consumer kept and delivered again itself, after their delay (the
+    :class:`RetryPolicy`'s, or the one ``Retry`` asked for)."""
     dead_lettered: int = 0
     """Entries moved to the dead-letter stream."""
     running: int = 0

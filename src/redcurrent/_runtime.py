@@ -26,7 +26,7 @@ from ._batch import Batcher
 from ._claim import Claimer, recover_own_pending
 from ._cleanup import AutoCleaner
 from ._config import ConsumerConfig
-from ._control import ControlListener
+from ._control import ControlListener, announce_hand_back
 from ._dead import DeadLetterWriter
 from ._dispatch import Counters, Dispatcher
 from ._housekeeping import prune_idle_consumers
@@ -93,6 +93,8 @@ class Runtime:
         self._feed_scope: anyio.CancelScope | None = None
         self._work_scope: anyio.CancelScope | None = None
         self._control: ControlListener | None = None
+        #: the XAUTOCLAIM loop, once the feed has built it.
+        self.claimer: Claimer | None = None
         self._watchdog_started = False
 
     def __str__(self) -> str:
@@ -154,6 +156,7 @@ class Runtime:
             on_resume=self._on_resume_message,
             on_terminate=self._on_terminate,
             on_scheduled=mover.wake,
+            on_hand_back=self._on_hand_back,
         )
         batcher = Batcher(settings.batch) if self.router.batch_types else None
         dispatcher = Dispatcher(
@@ -317,7 +320,7 @@ class Runtime:
         with anyio.CancelScope() as self._feed_scope:
             if self.stop_reason is not None:
                 return
-            claimer = Claimer(
+            self.claimer = claimer = Claimer(
                 member,
                 inflight,
                 submit,
@@ -349,7 +352,9 @@ class Runtime:
                 await acker.flush()
                 if self.stop_reason in (StopReason.STOPPED, StopReason.FAILED):
                     await recounter.flush()
-                    await lease.hand_back(max(self.settings.claim_idle, HAND_BACK_IDLE))
+                    handed = await lease.hand_back(max(self.settings.claim_idle, HAND_BACK_IDLE))
+                    if handed:
+                        await self._announce_hand_back(handed)
             except Exception as exc:
                 problem = f"{type(exc).__name__}: {exc}"
         if acker.waiting:
@@ -360,6 +365,29 @@ class Runtime:
                 acker.waiting,
                 problem,
             )
+
+    async def _announce_hand_back(self, handed: int) -> None:
+        """Wake the group's running consumers, so that they claim what was
+        handed back now instead of at their next pass. Only a hint: a refused
+        or failed announcement (an ACL user without PUBLISH, say) costs peers
+        that wait and nothing else, so it never fails the stop."""
+        member = self.member
+        try:
+            await member.call(
+                "hand-back notice",
+                lambda: announce_hand_back(self.redis, self.keys, self.settings.group),
+            )
+        except Exception as exc:
+            logger.warning(
+                "%s: handed back %d entries but could not announce it (%s: %s); "
+                "peers take them at their next claim pass, within claim_idle / 2",
+                self,
+                handed,
+                type(exc).__name__,
+                exc,
+            )
+        else:
+            logger.info("%s: handed back %d entries to the group", self, handed)
 
     async def _guard(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Run a loop; turn its failure into a stop with the right reason."""
@@ -398,6 +426,15 @@ class Runtime:
     def _on_resume_message(self, entry_id: str) -> None:
         if self.dispatcher is not None:
             self.dispatcher.resume(entry_id)
+
+    def _on_hand_back(self, group: str) -> None:
+        """A peer of some group handed entries back: if it is ours and this
+        consumer is running, claim them now. A stopping consumer claims
+        nothing (its own notice comes back to it too)."""
+        if group != self.settings.group or self.stop_reason is not None:
+            return
+        if self.claimer is not None:
+            self.claimer.wake()
 
     def _on_terminate(self) -> None:
         logger.warning("%s: topic terminated; stopping", self)

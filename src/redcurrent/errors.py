@@ -198,7 +198,8 @@ class BatchError(RedcurrentError):
 
 class Retry(RedcurrentError):
     """Raised by a handler to have its message delivered again later: not a
-    failure to log as one, but a delivery all the same.
+    failure to log or count as one (``stats.failed``), but a delivery all the
+    same.
 
     The message runs again after ``delay`` seconds, or after the handler's
     :class:`RetryPolicy` delay when ``delay`` is None. It counts towards
