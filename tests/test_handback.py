@@ -8,6 +8,7 @@ groups and stopping consumers unmoved; and ``stats.failed`` leaving out
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -139,14 +140,19 @@ async def test_a_peer_takes_over_a_stopped_consumers_messages_at_once(
             assert not set(a_handled) & set(b_handled.ids)
             assert b.stats.claimed == total - finish
 
-            # B ran one extra pass on the notice; C, another group, none.
-            assert (claimer_of(b).wakes, claimer_of(b).passes) == (1, 2)
+            # Two notices: what A had queued, handed back when the stop came,
+            # and what it was running, when shutdown_timeout cancelled it. B
+            # ran a pass on each (one, when both came before it began); C,
+            # another group, none.
+            assert claimer_of(b).wakes == 2
+            assert claimer_of(b).passes in (2, 3)
             assert (claimer_of(c).wakes, claimer_of(c).passes) == (0, 1)
             assert c.stats.claimed == 0
             assert len(audited.ids) == total  # C's own group: each once
-    # One notice, from A; B and C had nothing pending when they stopped.
+    # Two notices, from A; B and C had nothing pending when they stopped.
     await topic.stop_message("1-2")
     assert await notices_until(wire, b"stop 1-2") == [
+        b"handback workers",
         b"handback workers",
         b"stop 1-1",
         b"stop 1-2",
@@ -229,8 +235,10 @@ async def test_a_consumer_that_may_not_publish_still_stops_and_hands_back(
                     await started.wait()
         assert consumer.stop_reason is StopReason.STOPPED
         refused = [r for r in caplog.records if "could not announce" in r.getMessage()]
-        assert [r.levelno for r in refused] == [logging.WARNING]
-        assert "handed back 10 entries" in refused[0].getMessage()
+        # At the stop (what was queued) and at the end (all still pending).
+        assert {r.levelno for r in refused} == {logging.WARNING}
+        counts = [int(re.search(r"handed back (\d+) entries", r.getMessage())[1]) for r in refused]
+        assert counts[-1] == 10  # the last covers everything still pending
         # Handed back all the same: idle far beyond any claim_idle.
         pel = await pel_of(admin, STREAM, GROUP)
         assert sorted(pel) == sorted(ids)
@@ -336,3 +344,37 @@ async def test_retry_is_not_counted_as_a_failure(
     assert (stats.handled, stats.dead_lettered, stats.received) == (5, 1, 12)
     [letter] = await topic.dead_letters()
     assert (letter.type, letter.error_type, letter.delivery_count) == ("stubborn", "Retry", 2)
+
+
+async def test_queued_messages_are_handed_back_while_the_running_ones_finish(
+    redis_client: redis.asyncio.Redis, topic: Topic
+) -> None:
+    """A graceful stop does not start what was queued: it hands it back at
+    once, so a peer handles it while the stopping consumer's running
+    handlers are still finishing (here: until the peer is done)."""
+    ids = await topic.publish_many([("job", {"n": i}) for i in range(40)])
+    release = anyio.Event()
+    a_ran: list[str] = []
+    a = make_consumer(redis_client, "a", concurrency=2, shutdown_timeout=30)
+
+    @a.handler("job")
+    async def slow(msg: Message[Any]) -> None:
+        a_ran.append(msg.id)
+        await release.wait()
+
+    b_seen = Recorder()
+    b = make_consumer(redis_client, "b", concurrency=4)
+    async with a:
+        await wait_until(lambda: a.stats.held == 40 and a.stats.running == 2)
+        b.handler("job")(b_seen)
+        async with b:
+            await wait_until(lambda: between_passes(b))
+            a.request_stop()
+            # A's two handlers still run; the other 38 reach B meanwhile.
+            await b_seen.wait_for(38, timeout=10)
+            assert a.stop_reason is None
+            release.set()
+            assert await a.done() is StopReason.STOPPED
+            await wait_until(nothing_pending(redis_client, STREAM, GROUP))
+    assert sorted(a_ran + b_seen.ids) == sorted(ids)
+    assert len(a_ran) == 2

@@ -223,12 +223,13 @@ class Dispatcher:
             for batch in self.batcher.flush_all():
                 self.enqueue_batch(batch)
 
-    def close(self) -> None:
+    def close(self) -> list[bytes]:
         """No more intake, and nothing new starts: running handlers finish
         (the runtime gives them ``shutdown_timeout``), then the workers exit.
         Queued messages and open batches are let go, still pending, for the
         hand-back: a peer (or this worker restarted) takes them at once
-        rather than after this one worked through its whole prefetch."""
+        rather than after this one worked through its whole prefetch.
+        Returns the ids let go."""
         self.closing = True
         self.retries.close()
         let_go = [i for x in self.queue for i in ([x] if isinstance(x, tuple) else x.items)]
@@ -236,10 +237,13 @@ class Dispatcher:
         if self.batcher is not None:
             let_go += [i for batch in self.batcher.flush_all() for i in batch.items]
         inflight = self.inflight
+        released = []
         for raw_id, _, _ in let_go:
             if raw_id not in inflight.parked:
                 inflight.release(raw_id)
+                released.append(raw_id)
         self._work.set()
+        return released
 
     def running(self) -> int:
         """Handler calls running now (for stats: read on demand, never counted

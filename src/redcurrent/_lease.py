@@ -71,6 +71,11 @@ class LeaseKeeper:
                 return handed
             start = b"(" + ids[-1]
 
+    async def hand_back_ids(self, ids: list[bytes], idle: float) -> int:
+        """Make these entries claimable by others at once (those still this
+        consumer's); returns how many."""
+        return await self._set_idle(ids, int(idle * 1000))
+
     async def _set_idle(self, held: list[bytes], idle_ms: int) -> int:
         """Set the idle time of those of ``held`` still this consumer's;
         returns how many were."""

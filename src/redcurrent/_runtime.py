@@ -95,6 +95,7 @@ class Runtime:
         self._control: ControlListener | None = None
         #: the XAUTOCLAIM loop, once the feed has built it.
         self.claimer: Claimer | None = None
+        self.lease: LeaseKeeper | None = None
         self._watchdog_started = False
 
     def __str__(self) -> str:
@@ -123,7 +124,11 @@ class Runtime:
         if self._feed_scope is not None:
             self._feed_scope.cancel()
         if self.dispatcher is not None:
-            self.dispatcher.close()  # partial batches go to the workers too
+            let_go = self.dispatcher.close()
+            if let_go and not hard and self._services is not None and self.lease is not None:
+                # Not started, and never will be here: peers take them now
+                # rather than when the running handlers are done.
+                self._services.start_soon(self._hand_back_now, self.lease, let_go)
         if hard:
             if self._work_scope is not None:
                 self._work_scope.cancel()
@@ -185,7 +190,7 @@ class Runtime:
                 task_status.started()
                 self._services = services
                 services.start_soon(self._guard, acker.run)
-                lease = LeaseKeeper(member, inflight, interval=settings.claim_idle / 3)
+                self.lease = lease = LeaseKeeper(member, inflight, interval=settings.claim_idle / 3)
                 services.start_soon(self._guard, lease.run)
                 recounter = Recounter(member, inflight)
                 services.start_soon(self._guard, recounter.run)
@@ -365,6 +370,20 @@ class Runtime:
                 acker.waiting,
                 problem,
             )
+
+    async def _hand_back_now(self, lease: LeaseKeeper, ids: list[bytes]) -> None:
+        """On a graceful stop: hand back what was queued at once (the final
+        hand-back covers it again, and anything this misses)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                handed = await lease.hand_back_ids(
+                    ids, max(self.settings.claim_idle, HAND_BACK_IDLE)
+                )
+            except Exception as exc:
+                logger.debug("%s: early hand-back failed (%r); done at the end", self, exc)
+                return
+            if handed:
+                await self._announce_hand_back(handed)
 
     async def _announce_hand_back(self, handed: int) -> None:
         """Wake the group's running consumers, so that they claim what was

@@ -26,6 +26,7 @@ from .._consumer import StreamConsumer, default_consumer_name
 from .._router import Router
 from .._serve import serve
 from ..errors import ConfigurationError
+from ._common import url_option
 
 __all__ = ["worker"]
 
@@ -42,14 +43,6 @@ _OPTIONS: dict[str, tuple[type, str]] = {
 }
 
 
-def _url_default() -> str:
-    return (
-        os.environ.get("REDCURRENT_URL")
-        or os.environ.get("REDIS_URL")
-        or "redis://localhost:6379/0"
-    )
-
-
 def _consumer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for name, (kind, help_text) in reversed(_OPTIONS.items()):
         flag = "--" + name.replace("_", "-")
@@ -61,7 +54,7 @@ def _consumer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.command()
 @click.argument("target")
-@click.option("--url", default=_url_default, show_default="REDCURRENT_URL, REDIS_URL or localhost")
+@url_option
 @click.option("--stream", envvar="REDCURRENT_STREAM", help="The stream (for a Router target).")
 @click.option(
     "--group", envvar="REDCURRENT_GROUP", help="The consumer group (for a Router target)."
