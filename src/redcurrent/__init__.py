@@ -7,6 +7,7 @@ from ._consumer import StreamConsumer
 from ._context import Context
 from ._keys import TopicKeys
 from ._message import (
+    ConsumerHealth,
     ConsumerStats,
     DeadLetter,
     GroupInfo,
@@ -44,6 +45,7 @@ __all__ = [
     "CleanupPolicy",
     "ConfigurationError",
     "ConsumerConfig",
+    "ConsumerHealth",
     "ConsumerStateError",
     "ConsumerStats",
     "Context",

@@ -52,6 +52,11 @@ class Outage:
     def ongoing(self) -> bool:
         return self._since is not None
 
+    @property
+    def since(self) -> float | None:
+        """When (monotonic) the outage in progress began; None without one."""
+        return self._since
+
     def failed(self, exc: BaseException, during: str) -> None:
         self.last_error = exc
         if self._since is None:

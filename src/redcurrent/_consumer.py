@@ -11,6 +11,7 @@ import contextlib
 import os
 import secrets
 import socket
+import time
 from types import TracebackType
 
 import anyio
@@ -20,9 +21,10 @@ import msgspec
 from ._config import DEFAULT_RETRY, BatchConfig, CleanupPolicy, ConsumerConfig, RetryPolicy
 from ._context import Context
 from ._handlers import HandlerSpec
+from ._instrument import CONSUMER_OBSERVERS, MIDDLEWARE, ConsumerObserver
 from ._keys import TopicKeys, check_name
 from ._limits import DEFAULT_MAX_PAYLOAD_BYTES
-from ._message import ConsumerStats, StartFrom, StopReason
+from ._message import ConsumerHealth, ConsumerStats, StartFrom, StopReason
 from ._redis import AnyRedis, bytes_client, check_client, uses_tls
 from ._router import Registrar
 from ._routes import RouteTable
@@ -195,6 +197,24 @@ class StreamConsumer(Registrar):
     def stats(self) -> ConsumerStats:
         return self._run.stats()
 
+    def health(self, *, outage_tolerance: float = 60.0) -> ConsumerHealth:
+        """For a liveness or readiness probe: running, outage in progress, last
+        contact with Redis. ``healthy`` turns False once an outage lasts longer
+        than ``outage_tolerance`` seconds, or when the consumer stopped."""
+        run = self._run
+        now = time.monotonic()
+        running = run.started and not run.done.is_set()
+        since = run.member.outage.since
+        outage = None if since is None else now - since
+        last = run.member.last_ok
+        return ConsumerHealth(
+            healthy=running and (outage is None or outage <= outage_tolerance),
+            running=running,
+            stop_reason=self.stop_reason,
+            outage_seconds=outage,
+            last_contact_seconds=None if last is None else now - last,
+        )
+
     async def done(self) -> StopReason:
         """Wait until the loops have exited and acks are flushed; awaitable by
         any number of tasks, any number of times."""
@@ -209,6 +229,8 @@ class StreamConsumer(Registrar):
         if not self._routes:
             raise ConfigurationError(f"{self!r} has no handlers")
         self._run.started = True
+        if MIDDLEWARE:
+            self._routes.wrap(MIDDLEWARE, self.stream, self.group, self.name)
         tg = anyio.create_task_group()
         await tg.__aenter__()
         try:
@@ -216,6 +238,8 @@ class StreamConsumer(Registrar):
                 await tg.start(self._run.main)
             if waited.cancelled_caught:
                 raise self._start_timed_out()
+            if CONSUMER_OBSERVERS:
+                tg.start_soon(self._observe, list(CONSUMER_OBSERVERS))
         except BaseException:
             # The start-up error itself is what the caller should see, not
             # the task group's wrapping of it.
@@ -225,6 +249,13 @@ class StreamConsumer(Registrar):
             raise
         self._tg = tg
         return self
+
+    async def _observe(self, observers: list[ConsumerObserver]) -> None:
+        for observer in observers:
+            observer.started(self)
+        await self._run.done.wait()
+        for observer in observers:
+            observer.stopped(self)
 
     def _start_timed_out(self) -> StartTimeoutError:
         last = self._run.member.outage.last_error

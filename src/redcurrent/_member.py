@@ -11,6 +11,7 @@ stream, while its dispatcher stays shared.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -41,7 +42,17 @@ _NEVER_IDLE_MS = 2**62
 
 
 class GroupMember:
-    __slots__ = ("group", "keys", "last_read", "name", "on_gone", "outage", "redis", "stream")
+    __slots__ = (
+        "group",
+        "keys",
+        "last_ok",
+        "last_read",
+        "name",
+        "on_gone",
+        "outage",
+        "redis",
+        "stream",
+    )
 
     def __init__(self, redis: AnyRedis, keys: TopicKeys, group: str, name: str) -> None:
         self.redis = redis
@@ -50,6 +61,8 @@ class GroupMember:
         self.group = group
         self.name = name
         self.outage = Outage(logger, f"consumer {name} of {keys.stream}/{group}")
+        #: when (monotonic) a Redis call last succeeded; None before the first.
+        self.last_ok: float | None = None
         #: the newest entry id this member read with ``>`` (None before the first).
         self.last_read: bytes | None = None
         #: asked when the stream or group vanished; True means "re-created it,
@@ -82,6 +95,7 @@ class GroupMember:
                 if fault is Fault.DENIED:
                     raise access_denied(exc, f"{what} on stream {self.stream!r}") from exc
                 raise
+            self.last_ok = time.monotonic()
             if self.outage.ongoing:
                 self.outage.recovered()
             return result

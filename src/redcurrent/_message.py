@@ -70,6 +70,29 @@ class StopReason(str, enum.Enum):
     """An error the consumer cannot recover from; see ``consumer.error``."""
 
 
+class ConsumerHealth(msgspec.Struct, frozen=True, kw_only=True):
+    """What a liveness or readiness probe asks a consumer (:meth:`StreamConsumer.health`).
+
+    ``healthy`` is what a probe should answer with: running, and not in an
+    outage longer than the tolerance :meth:`~StreamConsumer.health` was given.
+    A consumer rides out short outages by itself (failovers, restarts), so a
+    probe that restarts it at the first failed call only adds to the churn.
+    """
+
+    healthy: bool
+    """Running, and not in an outage longer than the tolerance."""
+    running: bool
+    """Started and not stopped."""
+    stop_reason: StopReason | None
+    """Why it stopped; None while running (or before it started)."""
+    outage_seconds: float | None
+    """How long Redis has been unreachable (calls retried with backoff);
+    None when it is reachable."""
+    last_contact_seconds: float | None
+    """Seconds since a Redis call last succeeded (an idle consumer reads about
+    every ``block`` seconds); None before the first."""
+
+
 class ConsumerStats(msgspec.Struct, frozen=True, kw_only=True):
     """A snapshot of a consumer's counters since it started."""
 

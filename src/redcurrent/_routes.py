@@ -8,6 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 from ._codec import PayloadDecoder, payload_decoder
 from ._context import Context
 from ._handlers import HandlerSpec
+from ._instrument import HandlerInfo, Middleware
 from ._message import Message
 from .errors import ConfigurationError
 
@@ -74,6 +75,21 @@ class RouteTable:
         self.routes: dict[str, Route] = {}
         self.catch_all: Route | None = None
         self.context = context
+
+    def wrap(
+        self, middleware: Sequence[Middleware], stream: str, group: str, consumer: str
+    ) -> None:
+        """Wrap every handler in ``middleware`` (the first outermost), once,
+        as the consumer starts."""
+        named = [*self.routes.items()]
+        if self.catch_all is not None:
+            named.append((CATCH_ALL, self.catch_all))
+        for message_type, route in named:
+            info = HandlerInfo(stream, group, consumer, message_type, route.name, route.batch)
+            fn = route.fn
+            for wrapper in reversed(middleware):
+                fn = wrapper(info, fn)
+            route.fn = fn
 
     def include(self, spec: HandlerSpec) -> None:
         message_type = spec.message_type

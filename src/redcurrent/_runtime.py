@@ -33,6 +33,7 @@ from ._housekeeping import prune_idle_consumers
 from ._inflight import InFlight
 from ._keys import TopicKeys
 from ._lease import LeaseKeeper
+from ._log import in_consumer
 from ._member import GroupMember
 from ._message import ConsumerStats, StopReason
 from ._read import Reader
@@ -150,6 +151,7 @@ class Runtime:
     # -- the loops ------------------------------------------------------------
     async def main(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         settings, redis, member = self.settings, self.redis, self.member
+        in_consumer(settings.stream, settings.group, settings.name)
         dead = DeadLetterWriter(redis, self.keys, settings.group, settings.name, call=member.call)
         mover = Mover(member, notices=getattr(redis, "pubsub", None) is not None)
         self.inflight = inflight = InFlight(self._effective_prefetch())

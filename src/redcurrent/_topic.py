@@ -13,6 +13,7 @@ from ._config import CleanupPolicy
 from ._faults import denials_explained
 from ._idempotency import DEFAULT_IDEMPOTENCY_WINDOW, IdempotentSender, check_key, check_window
 from ._ids import normalize_id
+from ._instrument import PUBLISH_OBSERVERS, PublishObservation
 from ._keys import TopicKeys, check_name
 from ._limits import DEFAULT_MAX_PAYLOAD_BYTES, FIELD_NAME_BYTES, check_limit
 from ._message import DeadLetter, TopicInfo
@@ -175,6 +176,31 @@ class Topic:
         ``metadata`` that is not a mapping of str to str, and
         :class:`PayloadTooLargeError` above ``max_payload_bytes``.
         """
+        if PUBLISH_OBSERVERS:
+            scheduled = delay is not None or at is not None
+            observations = _observe(self.name, message_type, 1, scheduled)
+            metadata = _with_headers(metadata, observations)
+            try:
+                entry_id = await self._publish(
+                    message_type, data, metadata, maxlen, idempotency_key, delay, at
+                )
+            except BaseException as exc:
+                _finish(observations, None, exc)
+                raise
+            _finish(observations, [entry_id], None)
+            return entry_id
+        return await self._publish(message_type, data, metadata, maxlen, idempotency_key, delay, at)
+
+    async def _publish(
+        self,
+        message_type: str,
+        data: Any,
+        metadata: Mapping[str, str] | None,
+        maxlen: int | None,
+        idempotency_key: str | None,
+        delay: float | None,
+        at: datetime | float | None,
+    ) -> str:
         if delay is not None or at is not None:
             when = _schedule.due_spec(delay, at)
             _immediate_only(maxlen=maxlen, idempotency_key=idempotency_key)
@@ -222,6 +248,40 @@ class Topic:
         messages enter the stream in this order. Items then carry no
         idempotency key.
         """
+        if PUBLISH_OBSERVERS:
+            return await self._observed_publish_many(items, maxlen, delay, at)
+        return await self._publish_many(items, maxlen, delay, at)
+
+    async def _observed_publish_many(
+        self,
+        items: Iterable[PublishItem],
+        maxlen: int | None,
+        delay: float | None,
+        at: datetime | float | None,
+    ) -> list[str]:
+        unpacked = [_unpack(item, index) for index, item in enumerate(_iterate(items))]
+        types = {item[0] for item in unpacked}
+        only = next(iter(types)) if len(types) == 1 else None
+        scheduled = delay is not None or at is not None
+        observations = _observe(self.name, only, len(unpacked), scheduled)
+        tagged: list[PublishItem] = [
+            (t, d, _with_headers(m, observations), k) for t, d, m, k in unpacked
+        ]
+        try:
+            ids = await self._publish_many(tagged, maxlen, delay, at)
+        except BaseException as exc:
+            _finish(observations, None, exc)
+            raise
+        _finish(observations, ids, None)
+        return ids
+
+    async def _publish_many(
+        self,
+        items: Iterable[PublishItem],
+        maxlen: int | None,
+        delay: float | None,
+        at: datetime | float | None,
+    ) -> list[str]:
         if delay is not None or at is not None:
             when = _schedule.due_spec(delay, at)
             _immediate_only(maxlen=maxlen)
@@ -477,3 +537,28 @@ def _unpack(item: Any, index: int) -> tuple[Any, Any, Any, Any]:
 def _short(value: object, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _observe(
+    stream: str, message_type: str | None, count: int, scheduled: bool
+) -> list[PublishObservation]:
+    found = (observe(stream, message_type, count, scheduled) for observe in PUBLISH_OBSERVERS)
+    return [o for o in found if o is not None]
+
+
+def _with_headers(
+    metadata: Mapping[str, str] | None, observations: list[PublishObservation]
+) -> Mapping[str, str] | None:
+    merged: dict[str, str] = {}
+    for observation in observations:
+        merged.update(observation.headers)
+    if not merged or not isinstance(metadata, (Mapping, type(None))):
+        return metadata  # nothing to add; or not a mapping, which the usual check rejects
+    return merged if metadata is None else {**merged, **metadata}
+
+
+def _finish(
+    observations: list[PublishObservation], ids: list[str] | None, error: BaseException | None
+) -> None:
+    for observation in observations:
+        observation.finish(ids, error)
