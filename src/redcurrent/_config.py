@@ -139,7 +139,7 @@ class CleanupPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ``CleanupPolicy(auto=False, interval=300.0, max_length=10000,
     min_retention=3600.0, batch_size=100, dead_letter_retention=None)``,
     keyword-only. Cleanup removes only entries
-    every group has acknowledged (see :func:`cleanup`), drops stopped ids
+    every group has acknowledged (see :meth:`Topic.cleanup`), drops stopped ids
     whose entries are gone for good, and, with ``dead_letter_retention``,
     old dead letters. Removal is final: a group created afterwards, even at
     id ``0``, does not see removed entries, so keep ``min_retention`` long
