@@ -166,4 +166,4 @@ def test_only_three_modules_are_public() -> None:
         for info in pkgutil.iter_modules(redcurrent.__path__)
         if not info.name.startswith("_")
     }
-    assert public == {"errors", "testing"}
+    assert public == {"errors", "otel", "testing"}
