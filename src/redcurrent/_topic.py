@@ -179,8 +179,8 @@ class Topic:
         if PUBLISH_OBSERVERS:
             scheduled = delay is not None or at is not None
             observations = _observe(self.name, message_type, 1, scheduled)
-            metadata = _with_headers(metadata, observations)
             try:
+                metadata = _with_headers(metadata, observations)
                 entry_id = await self._publish(
                     message_type, data, metadata, maxlen, idempotency_key, delay, at
                 )
@@ -264,10 +264,10 @@ class Topic:
         only = next(iter(types)) if len(types) == 1 else None
         scheduled = delay is not None or at is not None
         observations = _observe(self.name, only, len(unpacked), scheduled)
-        tagged: list[PublishItem] = [
-            (t, d, _with_headers(m, observations), k) for t, d, m, k in unpacked
-        ]
         try:
+            tagged: list[PublishItem] = [
+                (t, d, _with_headers(m, observations), k) for t, d, m, k in unpacked
+            ]
             ids = await self._publish_many(tagged, maxlen, delay, at)
         except BaseException as exc:
             _finish(observations, None, exc)
