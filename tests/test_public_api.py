@@ -156,9 +156,10 @@ def test_messages_and_dead_letters_decode_with_msgspec() -> None:
     assert copy == letter
 
 
-def test_only_three_modules_are_public() -> None:
+def test_only_these_modules_are_public() -> None:
     """Everything else is an implementation module: users import from ``redcurrent``
-    (and ``redcurrent.errors`` / ``redcurrent.testing``), so internals can move."""
+    (and ``redcurrent.errors`` / ``redcurrent.testing`` / ``redcurrent.prometheus``),
+    so internals can move."""
     import pkgutil
 
     public = {
@@ -166,4 +167,4 @@ def test_only_three_modules_are_public() -> None:
         for info in pkgutil.iter_modules(redcurrent.__path__)
         if not info.name.startswith("_")
     }
-    assert public == {"errors", "otel", "testing"}
+    assert public == {"errors", "otel", "prometheus", "testing"}
