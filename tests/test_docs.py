@@ -17,6 +17,8 @@ import pytest
 
 import redcurrent
 import redcurrent.errors
+import redcurrent.otel
+import redcurrent.prometheus
 import redcurrent.testing
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +30,8 @@ PUBLIC = {
     "redcurrent": set(redcurrent.__all__),
     "redcurrent.errors": set(redcurrent.errors.__all__),
     "redcurrent.testing": set(redcurrent.testing.__all__),
+    "redcurrent.otel": set(redcurrent.otel.__all__),
+    "redcurrent.prometheus": set(redcurrent.prometheus.__all__),
 }
 
 
