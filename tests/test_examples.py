@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import re
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+from helpers import load_example
+
 ID = r"\d+-\d+"
-
-
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def section(out: str, title: str) -> str:
@@ -43,7 +30,7 @@ def listed(text: str, pattern: str) -> Any:
 async def test_demo_walks_through_every_feature(
     redis_url: str, redis_client: object, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    await load("demo").main(redis_url)
+    await load_example("demo").main(redis_url)
     out = capsys.readouterr().out
 
     basics = section(out, "publish and consume, with a typed payload")

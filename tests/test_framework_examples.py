@@ -4,16 +4,12 @@ requests through the framework's test client, a real Redis."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
@@ -21,26 +17,15 @@ import pytest
 import redis.asyncio as aredis
 from aiohttp.test_utils import TestClient, TestServer
 
+from helpers import load_example
 from redcurrent import StartFrom, StreamConsumer, Topic
 from redcurrent.testing import wait_until
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
 N = 200
 
 
-def load(name: str) -> ModuleType:
-    """Import an example by path, as tests/test_examples.py does (a fresh module each call)."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-FASTAPI_APP = load("fastapi_app")
-AIOHTTP_APP = load("aiohttp_app")
+FASTAPI_APP = load_example("fastapi_app")
+AIOHTTP_APP = load_example("aiohttp_app")
 
 
 @dataclass
@@ -218,7 +203,7 @@ async def test_worker_router_handles_each_type_and_retries_when_rate_limited(
     redis_client: aredis.Redis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="redcurrent")
-    worker = load("worker_app")
+    worker = load_example("worker_app")
     assert worker.router.message_types == ["payment", "shipment"]
     # The provider answers 429 once, then accepts.
     calls: list[str] = []
