@@ -208,6 +208,8 @@ async def _keep_name(consumer: StreamConsumer, name: WorkerName) -> None:
     try:
         await name.keep()
     except NameLostError as exc:
+        if consumer.stop_reason is not None:
+            return  # released on the way out, just before this renewal
         logger.error("%s: %s; stopping", consumer, exc)
         consumer._run.request_stop(StopReason.FAILED, exc)
     except Exception as exc:
