@@ -126,7 +126,8 @@ class Runtime:
             self._feed_scope.cancel()
         if self.dispatcher is not None:
             let_go = self.dispatcher.close()
-            if let_go and not hard and self._services is not None and self.lease is not None:
+            wanted = self.stop_reason in (StopReason.STOPPED, StopReason.FAILED)
+            if let_go and wanted and not hard and self._services and self.lease is not None:
                 # Not started, and never will be here: peers take them now
                 # rather than when the running handlers are done.
                 self._services.start_soon(self._hand_back_now, self.lease, let_go)
