@@ -641,7 +641,13 @@ class BookkeepingMachine(RuleBasedStateMachine):
     @rule()
     def clock_passes(self) -> None:
         """The batch timeout expires: open batches are handed to the workers."""
-        self._step(self.d.flush_batches)
+
+        def expire() -> None:
+            # What Batcher.run does when a batch's timeout passes.
+            for batch in self.batcher.flush_all():
+                self.d.enqueue_batch(batch)
+
+        self._step(expire)
 
     def _close(self) -> None:
         # What Runtime.request_stop does: no more intake; what is queued or in

@@ -217,12 +217,6 @@ class Dispatcher:
         self.counters.retried += len(items)
         self._work.set()
 
-    def flush_batches(self) -> None:
-        """Hand every open batch to the workers now, full or not."""
-        if self.batcher is not None:
-            for batch in self.batcher.flush_all():
-                self.enqueue_batch(batch)
-
     def close(self) -> list[bytes]:
         """No more intake, and nothing new starts: running handlers finish
         (the runtime gives them ``shutdown_timeout``), then the workers exit.

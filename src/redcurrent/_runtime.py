@@ -360,7 +360,7 @@ class Runtime:
                 await acker.flush()
                 if self.stop_reason in (StopReason.STOPPED, StopReason.FAILED):
                     await recounter.flush()
-                    handed = await lease.hand_back(max(self.settings.claim_idle, HAND_BACK_IDLE))
+                    handed = await lease.hand_back(self._hand_back_idle)
                     if handed:
                         await self._announce_hand_back(handed)
             except Exception as exc:
@@ -374,14 +374,17 @@ class Runtime:
                 problem,
             )
 
+    @property
+    def _hand_back_idle(self) -> float:
+        """The idle time handed-back entries get: past any peer's ``claim_idle``."""
+        return max(self.settings.claim_idle, HAND_BACK_IDLE)
+
     async def _hand_back_now(self, lease: LeaseKeeper, ids: list[bytes]) -> None:
         """On a graceful stop: hand back what was queued at once (the final
         hand-back covers it again, and anything this misses)."""
         with anyio.CancelScope(shield=True):
             try:
-                handed = await lease.hand_back_ids(
-                    ids, max(self.settings.claim_idle, HAND_BACK_IDLE)
-                )
+                handed = await lease.hand_back_ids(ids, self._hand_back_idle)
             except Exception as exc:
                 logger.debug("%s: early hand-back failed (%r); done at the end", self, exc)
                 return
