@@ -121,7 +121,11 @@ class Partitioned:
             part = self.parts[partition]
             infos[partition] = await part.info()
             raw = await redis.hgetall(part.keys.owners)
-            owners[partition] = {as_str(k): _holder(as_str(v)) for k, v in raw.items()}
+            owners[partition] = {
+                as_str(k)[2:]: _holder(as_str(v))
+                for k, v in raw.items()
+                if as_str(k).startswith("h:")
+            }
 
         async with anyio.create_task_group() as tg:
             for partition in range(self.count):
