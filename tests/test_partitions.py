@@ -91,7 +91,8 @@ async def test_the_count_is_stored_and_fixed(redis_client: redis.asyncio.Redis, 
     with pytest.raises(PartitionCountError):
         await Topic(redis_client, name, partitions=1).info()
     meta = await redis_client.hgetall(topic.keys.meta)
-    assert meta[b"partitions"] == b"4" and meta[b"hash"] == b"crc32"
+    assert meta[b"partitions"] == b"4"
+    assert meta[b"hash"] == b"crc32"
 
 
 async def test_a_plain_stream_is_not_silently_partitioned(
@@ -154,7 +155,8 @@ def keyed_recorder(
 ) -> None:
     @consumer.handler("t")
     async def record(msg: Message[Any]) -> None:
-        assert msg.key is not None and msg.partition is not None
+        assert msg.key is not None
+        assert msg.partition is not None
         log.append((msg.key, msg.data["n"], consumer.name, msg.partition))
         await anyio.sleep(random.random() * pause)
 
@@ -296,7 +298,7 @@ async def test_terminate_stops_consumers_and_removes_every_key(
 
     async with consumer:
         await wait_until(lambda: len(handled) == 40)
-        await topic.stop_message((await topic.publish("t", {"n": 99})))
+        await topic.stop_message(await topic.publish("t", {"n": 99}))
         await topic.terminate()
         with anyio.fail_after(5):
             assert await consumer.done() is StopReason.TERMINATED
