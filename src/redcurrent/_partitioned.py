@@ -19,6 +19,7 @@ import anyio
 import anyio.abc
 import msgspec
 import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster
 
 from ._config import ConsumerConfig
 from ._dispatch import Counters
@@ -36,6 +37,11 @@ from ._runtime import Runtime
 __all__ = ["PartitionedRuntime"]
 
 logger = logging.getLogger("redcurrent.consumer")
+
+#: Connections a partition may use at once on its node (a blocked read, acks,
+#: leases and claims), and what the rest of the consumer needs besides.
+POOL_PER_PARTITION = 3
+POOL_HEADROOM = 8
 
 
 class PartitionedRuntime:
@@ -85,6 +91,7 @@ class PartitionedRuntime:
         self._outage = self.member.outage
         #: partitions this run has held: released on the way out.
         self._ever_owned: set[int] = set()
+        self._pool_warned = False
         #: partition -> until when (monotonic) its lease lets it start messages.
         self._fence_until: dict[int, float] = {}
 
@@ -299,6 +306,41 @@ class PartitionedRuntime:
         if runtime.dispatcher is not None:
             runtime.dispatcher.fence_until = self._fence_until.get(p, math.inf)
         logger.info("%s: reading partition %d (%s)", self, p, settings.stream)
+        self._check_pool()
+
+    def _check_pool(self) -> None:
+        """Every owned partition keeps a read blocked on its node's pool: a
+        pool that small makes acks and publishes wait or fail
+        (``MaxConnectionsError``). Warn once, naming the fix."""
+        if self._pool_warned or not isinstance(self.redis, RedisCluster):
+            return
+        per_node: dict[str, int] = {}
+        limits: dict[str, int] = {}
+        for p in self.running:
+            try:
+                node = self.redis.get_node_from_key(self.layout.streams[p])
+            except Exception:  # slots not known yet: nothing to check
+                return
+            if node is None:
+                return
+            per_node[node.name] = per_node.get(node.name, 0) + 1
+            limits[node.name] = node.max_connections
+        for node_name, partitions in per_node.items():
+            needed = POOL_PER_PARTITION * partitions + POOL_HEADROOM
+            if limits[node_name] < needed:
+                self._pool_warned = True
+                logger.warning(
+                    "%s: %d partitions on node %s, but the client allows only %d "
+                    "connections per node; each partition keeps a read blocked, so "
+                    "acks and publishes may fail with MaxConnectionsError: create the "
+                    "RedisCluster with max_connections >= %d",
+                    self,
+                    partitions,
+                    node_name,
+                    limits[node_name],
+                    needed,
+                )
+                return
 
     async def _run_partition(
         self, p: int, runtime: Runtime, *, task_status: anyio.abc.TaskStatus[None]
