@@ -346,3 +346,45 @@ async def test_cleanup_runs_on_every_partition_and_sums(
     removed = await topic.cleanup(CleanupPolicy(min_retention=0.0, max_length=0))
     assert removed == 90
     assert (await topic.info()).length == 0
+
+
+async def test_members_react_to_a_join_at_once_not_at_their_next_heartbeat(
+    redis_client: redis.asyncio.Redis, name: str
+) -> None:
+    topic = Topic(redis_client, name, partitions=4)
+    await topic.partition_streams()
+    # Heartbeats 10 s apart: only the members notice can move partitions sooner.
+    slow = {**FAST, "member_ttl": 30.0}
+    a = StreamConsumer(redis_client, name, "g", "a", **slow)
+    b = StreamConsumer(redis_client, name, "g", "b", **slow)
+    log: list[tuple[str, int, str, int]] = []
+    keyed_recorder(a, log)
+    keyed_recorder(b, log)
+    async with a:
+        await wait_until(lambda: a.partitions == [0, 1, 2, 3])
+        async with b:
+            await wait_until(lambda: len(b.partitions or ()) == 2, timeout=5)
+            assert len(a.partitions or ()) == 2
+        await wait_until(lambda: a.partitions == [0, 1, 2, 3], timeout=5)
+
+
+async def test_standby_members_stop_on_terminate_too(
+    redis_client: redis.asyncio.Redis, name: str
+) -> None:
+    topic = Topic(redis_client, name, partitions=2)
+    await topic.partition_streams()
+    consumers = [StreamConsumer(redis_client, name, "g", f"c{i}", **FAST) for i in range(3)]
+    log: list[tuple[str, int, str, int]] = []
+    for consumer in consumers:
+        keyed_recorder(consumer, log)
+    async with consumers[0], consumers[1], consumers[2]:
+
+        def one_standby() -> bool:
+            owned = sorted(len(c.partitions or ()) for c in consumers)
+            return owned == [0, 1, 1]
+
+        await wait_until(one_standby)
+        await topic.terminate()
+        with anyio.fail_after(5):
+            for consumer in consumers:
+                assert await consumer.done() is StopReason.TERMINATED

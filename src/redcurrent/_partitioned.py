@@ -22,6 +22,7 @@ import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster
 
 from ._config import ConsumerConfig
+from ._control import ControlListener, announce_members
 from ._dispatch import Counters
 from ._faults import Fault, access_denied, classify
 from ._keys import TopicKeys
@@ -35,6 +36,11 @@ from ._routes import RouteTable
 from ._runtime import Runtime
 
 __all__ = ["PartitionedRuntime"]
+
+
+def _ignore(_: str) -> None:
+    """Stop and resume act per partition (each runtime listens to its own)."""
+
 
 logger = logging.getLogger("redcurrent.consumer")
 
@@ -144,6 +150,17 @@ class PartitionedRuntime:
             live = await self.member.call("membership heartbeat", self._beat)
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                # Terminate (also of a member with no partition) and members' news.
+                control = ControlListener(
+                    self.redis,
+                    self.keys,
+                    on_stop=_ignore,
+                    on_resume=_ignore,
+                    on_terminate=self._on_terminate,
+                    on_members=self._on_members,
+                )
+                await tg.start(control.run)
+                await self._announce()
                 started = True
                 task_status.started()
                 logger.info(
@@ -181,6 +198,21 @@ class PartitionedRuntime:
             logger.info("%s stopped: %s", self, self.stop_reason.value)
             self.done.set()
 
+    def _on_terminate(self) -> None:
+        self.request_stop(StopReason.TERMINATED)
+
+    def _on_members(self, group: str) -> None:
+        if group == self.settings.group:
+            self._wake.set()
+
+    async def _announce(self) -> None:
+        try:
+            await announce_members(self.redis, self.keys, self.settings.group)
+        except Exception as exc:  # only a hint: the next heartbeat finds out anyway
+            if classify(exc) is Fault.FATAL:
+                raise
+            logger.debug("%s: members notice not sent (%r)", self, exc)
+
     async def _beat(self) -> list[str]:
         live = await self.membership.beat(self.settings.member_ttl)
         self._last_beat = self.member.last_ok = time.monotonic()
@@ -206,6 +238,7 @@ class PartitionedRuntime:
             for p in sorted(self._ever_owned):
                 await self.membership.release(self.part_keys[p].owners)
             await self.membership.beat(self.settings.member_ttl, leave=True)
+            await self._announce()
         except Exception as exc:  # the server is gone: our entry expires by itself
             if classify(exc) is not Fault.TRANSIENT:
                 raise
@@ -359,6 +392,7 @@ class PartitionedRuntime:
                 except Exception as exc:
                     if classify(exc) is not Fault.TRANSIENT:
                         raise
+                await self._announce()
                 self._wake.set()
             return
         reason = runtime.stop_reason
