@@ -388,3 +388,15 @@ async def test_standby_members_stop_on_terminate_too(
         with anyio.fail_after(5):
             for consumer in consumers:
                 assert await consumer.done() is StopReason.TERMINATED
+
+
+async def test_an_idempotent_publish_repeated_lands_in_the_same_partition(
+    redis_client: redis.asyncio.Redis, name: str
+) -> None:
+    topic = Topic(redis_client, name, partitions=4)
+    first = [await topic.publish("t", {"n": n}, idempotency_key=f"op-{n}") for n in range(8)]
+    again = [await topic.publish("t", {"n": n}, idempotency_key=f"op-{n}") for n in range(8)]
+    assert again == first
+    many = await topic.publish_many([("t", {"n": n}, None, f"op-{n}") for n in range(8)])
+    assert many == first
+    assert (await topic.info()).length == 8
