@@ -76,7 +76,10 @@ class Reader:
                 # A read failed first: the server may have delivered entries
                 # whose reply never arrived (a closed connection, a failover).
                 # They sit in our pending list; take them now rather than
-                # after claim_idle.
+                # after claim_idle. Acks waiting to be sent go first: their
+                # entries are still listed, and done.
+                if acker is not None:
+                    await acker.flush()
                 await recover_own_pending(member, inflight, submit)
 
     async def _read(self, n: int, ids: list[bytes]) -> Any:
