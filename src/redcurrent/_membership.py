@@ -44,8 +44,9 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 # KEYS: a partition's owner hash. ARGV: group, holder ('name#incarnation'),
-# name, lease ms, 'take' or 'renew' (renew only a lease we hold now). Fields per group: 'h:<group>' the holder, 'u:<group>' until
-# when (server ms) its lease runs. Takes the partition when it is free,
+# name, lease ms, 'take' or 'renew' (renew only a lease we hold now). Fields
+# per group: 'h:<group>' the holder, 'u:<group>' until when (server ms) its
+# lease runs. Takes the partition when it is free,
 # released, ours, held by an earlier run of our name (a restart), or held by a
 # member that let its lease run out; renews it when it is ours.
 # 1: the partition is ours (until now + lease); 0: someone else holds it.
