@@ -19,8 +19,10 @@ import anyio
 import anyio.abc
 import msgspec
 import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster
 
 from ._config import ConsumerConfig
+from ._control import ControlListener, announce_members
 from ._dispatch import Counters
 from ._faults import Fault, access_denied, classify
 from ._keys import TopicKeys
@@ -35,7 +37,17 @@ from ._runtime import Runtime
 
 __all__ = ["PartitionedRuntime"]
 
+
+def _ignore(_: str) -> None:
+    """Stop and resume act per partition (each runtime listens to its own)."""
+
+
 logger = logging.getLogger("redcurrent.consumer")
+
+#: Connections a partition may use at once on its node (a blocked read, acks,
+#: leases and claims), and what the rest of the consumer needs besides.
+POOL_PER_PARTITION = 3
+POOL_HEADROOM = 8
 
 
 class PartitionedRuntime:
@@ -85,6 +97,7 @@ class PartitionedRuntime:
         self._outage = self.member.outage
         #: partitions this run has held: released on the way out.
         self._ever_owned: set[int] = set()
+        self._pool_warned = False
         #: partition -> until when (monotonic) its lease lets it start messages.
         self._fence_until: dict[int, float] = {}
 
@@ -137,6 +150,17 @@ class PartitionedRuntime:
             live = await self.member.call("membership heartbeat", self._beat)
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                # Terminate (also of a member with no partition) and members' news.
+                control = ControlListener(
+                    self.redis,
+                    self.keys,
+                    on_stop=_ignore,
+                    on_resume=_ignore,
+                    on_terminate=self._on_terminate,
+                    on_members=self._on_members,
+                )
+                await tg.start(control.run)
+                await self._announce()
                 started = True
                 task_status.started()
                 logger.info(
@@ -174,6 +198,21 @@ class PartitionedRuntime:
             logger.info("%s stopped: %s", self, self.stop_reason.value)
             self.done.set()
 
+    def _on_terminate(self) -> None:
+        self.request_stop(StopReason.TERMINATED)
+
+    def _on_members(self, group: str) -> None:
+        if group == self.settings.group:
+            self._wake.set()
+
+    async def _announce(self) -> None:
+        try:
+            await announce_members(self.redis, self.keys, self.settings.group)
+        except Exception as exc:  # only a hint: the next heartbeat finds out anyway
+            if classify(exc) is Fault.FATAL:
+                raise
+            logger.debug("%s: members notice not sent (%r)", self, exc)
+
     async def _beat(self) -> list[str]:
         live = await self.membership.beat(self.settings.member_ttl)
         self._last_beat = self.member.last_ok = time.monotonic()
@@ -201,6 +240,7 @@ class PartitionedRuntime:
             for p in sorted(self._ever_owned):
                 await self.membership.release(self.part_keys[p].owners)
             await self.membership.beat(self.settings.member_ttl, leave=True)
+            await self._announce()
         except Exception as exc:  # the server is gone: our entry expires by itself
             if classify(exc) is not Fault.TRANSIENT:
                 raise
@@ -304,6 +344,41 @@ class PartitionedRuntime:
         if runtime.dispatcher is not None:
             runtime.dispatcher.fence_until = self._fence_until.get(p, math.inf)
         logger.info("%s: reading partition %d (%s)", self, p, settings.stream)
+        self._check_pool()
+
+    def _check_pool(self) -> None:
+        """Every owned partition keeps a read blocked on its node's pool: a
+        pool that small makes acks and publishes wait or fail
+        (``MaxConnectionsError``). Warn once, naming the fix."""
+        if self._pool_warned or not isinstance(self.redis, RedisCluster):
+            return
+        per_node: dict[str, int] = {}
+        limits: dict[str, int] = {}
+        for p in self.running:
+            try:
+                node = self.redis.get_node_from_key(self.layout.streams[p])
+            except Exception:  # slots not known yet: nothing to check
+                return
+            if node is None:
+                return
+            per_node[node.name] = per_node.get(node.name, 0) + 1
+            limits[node.name] = node.max_connections
+        for node_name, partitions in per_node.items():
+            needed = POOL_PER_PARTITION * partitions + POOL_HEADROOM
+            if limits[node_name] < needed:
+                self._pool_warned = True
+                logger.warning(
+                    "%s: %d partitions on node %s, but the client allows only %d "
+                    "connections per node; each partition keeps a read blocked, so "
+                    "acks and publishes may fail with MaxConnectionsError: create the "
+                    "RedisCluster with max_connections >= %d",
+                    self,
+                    partitions,
+                    node_name,
+                    limits[node_name],
+                    needed,
+                )
+                return
 
     async def _run_partition(
         self, p: int, runtime: Runtime, *, task_status: anyio.abc.TaskStatus[None]
@@ -322,6 +397,7 @@ class PartitionedRuntime:
                 except Exception as exc:
                     if classify(exc) is not Fault.TRANSIENT:
                         raise
+                await self._announce()
                 self._wake.set()
             return
         reason = runtime.stop_reason
