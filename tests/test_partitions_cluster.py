@@ -26,7 +26,7 @@ import sys
 import time
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from helpers import wait_until
-from redcurrent import Message, PartitionCountError, StartFrom, StreamConsumer, Topic
+from redcurrent import Message, PartitionCountError, StartFrom, StreamConsumer, Topic, TopicKeys
+from redcurrent._membership import Membership, member_id
 from redcurrent.testing import find_redis_server
 
 CHAOS = Path(__file__).resolve().parent / "chaos"
@@ -274,14 +275,18 @@ class Recorder:
     """In-process consumers of one topic, each on its own cluster client,
     recording who handled what in which partition, and when."""
 
-    def __init__(self, url: str, stream: str) -> None:
+    def __init__(self, url: str, stream: str, member_ttl: float = 1.5) -> None:
         self.url = url
+        self.member_ttl = member_ttl
         self.stream = stream
         self.consumers: dict[str, StreamConsumer] = {}
         self.clients: dict[str, RedisCluster] = {}
         #: (partition, consumer, started, ended, seq)
         self.calls: list[tuple[int, str, float, float, int]] = []
         self.overlaps: list[str] = []
+        #: (monotonic time, consumer, partition) each time a consumer's
+        #: ``partitions`` gained one (as sampled every 10 ms).
+        self.starts: list[tuple[float, str, int]] = []
 
     def consumer(self, name: str) -> StreamConsumer:
         redis_client = self.clients[name] = RedisCluster.from_url(self.url)
@@ -291,7 +296,7 @@ class Recorder:
             GROUP,
             name,
             start=StartFrom.EARLIEST,
-            member_ttl=1.5,
+            member_ttl=self.member_ttl,
             claim_idle=1.0,
             block=0.2,
             shutdown_timeout=2.0,
@@ -312,9 +317,12 @@ class Recorder:
 
     async def watch(self) -> None:
         """Every 10 ms: no partition in two consumers' ``partitions`` at once."""
+        last: dict[str, set[int]] = defaultdict(set)
         while True:
             seen: dict[int, str] = {}
             for name, parts in self.owned().items():
+                self.starts += [(time.monotonic(), name, p) for p in set(parts) - last[name]]
+                last[name] = set(parts)
                 for p in parts:
                     if p in seen:
                         self.overlaps.append(f"partition {p}: {seen[p]} and {name}")
@@ -352,12 +360,13 @@ async def test_rebalance_on_join_and_leave(cluster: LocalCluster, client: RedisC
     topic = Topic(client, stream, partitions=count)
     await topic.partition_streams()
     rec = Recorder(cluster.url, stream)
-    published = 0
+    published = attempted = 0
 
     async def produce() -> None:
-        nonlocal published
+        nonlocal published, attempted
         while True:
             seqs = range(published, published + 40)
+            attempted = published + 40  # a cancelled publish may still be written
             await topic.publish_many(
                 [("a", {"seq": s}) for s in seqs], keys=[f"k{s % 50}" for s in seqs]
             )
@@ -423,7 +432,7 @@ async def test_rebalance_on_join_and_leave(cluster: LocalCluster, client: RedisC
         else:  # about the joiner's or leaver's share, never a reshuffle
             assert moves <= share + 1, (what, moves, share)
     handled = {seq for *_, seq in rec.calls}
-    assert handled == set(range(published))
+    assert set(range(published)) <= handled <= set(range(attempted))
     await topic.terminate()
 
 
@@ -486,3 +495,72 @@ async def test_terminate_killed_halfway_finishes_on_rerun(
     finally:
         await fresh.aclose()
     assert await keys_of(cluster, f"*{name}*") == []
+
+
+async def test_a_partition_handed_over_is_not_taken_back_on_a_late_reply(
+    cluster: LocalCluster, client: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """c1's lease replies arrive 0.3 s late (a slow link; longer than its
+    runtimes take to stop, member_ttl 3 s): when c3 joins (taking partitions
+    0 and 1, so that the first lease c1 renews is of one it hands over), c1 hands
+    partitions over, renewing their leases while they drain; a runtime that
+    ends (and releases its partition to c3) while such a reply is on its way
+    must not be started again by c1 on that reply (two readers), nor may the
+    renewal take back a partition already released (churn): once c3 joined,
+    c1 starts no partition."""
+    stream, count = "late-reply", 4
+    topic = Topic(client, stream, partitions=count)
+    await topic.partition_streams()
+    acquire = Membership.acquire
+
+    async def late(self: Membership, *args: Any, **kwargs: Any) -> bool:
+        taken = await acquire(self, *args, **kwargs)
+        if self.name == "c1":
+            await anyio.sleep(0.3)
+        return taken
+
+    monkeypatch.setattr(Membership, "acquire", late)
+    rec = Recorder(cluster.url, stream, member_ttl=3.0)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rec.watch)
+            async with rec.consumer("c1"):
+                # ... as the watcher saw it, so that later starts are new ones.
+                await wait_until(
+                    lambda: len({p for _, who, p in rec.starts if who == "c1"}) == count,
+                    timeout=20,
+                )
+                joined = time.monotonic()
+                async with rec.consumer("c3"):
+                    await topic.publish_many(
+                        [("a", {"seq": s}) for s in range(200)],
+                        keys=[f"k{s % 20}" for s in range(200)],
+                    )
+
+                    def split() -> bool:
+                        owned = rec.owned()
+                        return len(owned["c1"]) == len(owned["c3"]) == count // 2
+
+                    await wait_until(split, timeout=20)
+                    # c1's membership loop has run again since: the
+                    # rebalance that handed over (and its late replies) is over.
+                    members, entry = TopicKeys(stream).members, member_id(GROUP, "c1")
+                    beat = await client.zscore(members, entry)
+                    await wait_until(
+                        lambda: _later(client.zscore(members, entry), beat), timeout=20
+                    )
+                    await wait_until(lambda: group_settled(topic), timeout=20)
+            tg.cancel_scope.cancel()
+    finally:
+        await rec.aclose()
+    assert not rec.overlaps, rec.overlaps[:5]
+    assert not rec.handler_overlaps(), rec.handler_overlaps()[:5]
+    assert {seq for *_, seq in rec.calls} == set(range(200))
+    restarted = [(p, at - joined) for at, name, p in rec.starts if name == "c1" and at > joined]
+    assert not restarted, f"c1 took back partitions after c3 joined: {restarted}"
+    await topic.terminate()
+
+
+async def _later(score: Awaitable[float | None], than: float | None) -> bool:
+    now = await score
+    return now is not None and than is not None and now > than
