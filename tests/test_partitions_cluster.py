@@ -32,6 +32,7 @@ from typing import Any
 
 import anyio
 import pytest
+import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
@@ -564,3 +565,20 @@ async def test_a_partition_handed_over_is_not_taken_back_on_a_late_reply(
 async def _later(score: Awaitable[float | None], than: float | None) -> bool:
     now = await score
     return now is not None and than is not None and now > than
+
+
+async def test_a_failing_partition_raises_its_error_not_an_exception_group(
+    client: RedisCluster,
+) -> None:
+    """A fan-out over partitions on several nodes fails with the error of the
+    partition that failed (a RedisError, as for a plain topic), which callers
+    catch and retry on; never an ExceptionGroup they would not catch."""
+    topic = Topic(client, "one-broken", partitions=3)
+    streams = await topic.partition_streams()
+    await client.set(streams[1], "not a stream")
+    with pytest.raises(redis.exceptions.ResponseError):
+        await topic.publish_many([("a", {"i": i}) for i in range(30)])
+    with pytest.raises(redis.exceptions.ResponseError):
+        await topic.info()
+    await client.delete(streams[1])
+    await topic.terminate()
