@@ -12,10 +12,15 @@ producer publishes keyed messages (100 keys); one fault per scenario:
   between consumers after the takeover);
 - a member restarted with the same name (a static member): it gets its own
   partitions back, without the others' map moving;
-- ``CLUSTER FAILOVER`` of the master serving the most partitions.
+- ``CLUSTER FAILOVER`` of the master serving the most partitions;
+- the slot of one partition migrated to another master (a reshard).
 
 Every scenario ends drained and audited (``_ledger.py``): nothing lost, nothing
-pending over all partitions, duplicates counted. One cluster serves the module.
+pending over all partitions, duplicates counted (a publish retried after an
+error may have been written: ``producer_retries``), and how many keys saw their
+first deliveries out of publish order (``keys_out_of_order``: a crash or a
+freeze may reorder, see ../shared/PARTITIONS.md; a handover may not). One
+cluster serves the module.
 """
 
 from __future__ import annotations
@@ -105,6 +110,10 @@ class Scenario:
         self.faults: list[str] = []
         self.extra: dict[str, Any] = {}
 
+    #: seconds a handler takes: long enough that a member holds messages
+    #: (running and prefetched) whenever a fault strikes it.
+    delay = 0.05
+
     def worker(self, name: str, member_ttl: float = TTL) -> Proc:
         proc = self.fleet.worker(
             name,
@@ -113,7 +122,7 @@ class Scenario:
             member_ttl=member_ttl,
             claim_idle=2.0,
             block=0.5,
-            delay=0.02,
+            delay=self.delay,
             timed=True,
             socket_timeout=5.0,
         )
@@ -146,6 +155,13 @@ class Scenario:
         proc.popen.kill()
         proc.popen.wait()
         self.fleet.procs.remove(proc)
+
+    async def held(self, name: str) -> int:
+        """Entries of the group's pending lists (all partitions) held by ``name``."""
+        held = 0
+        for stream in await self.topic.partition_streams():
+            held += len(await self.client.xpending_range(stream, GROUP, "-", "+", 10_000, name))
+        return held
 
     def published(self) -> int:
         return len(read_published(self.root))
@@ -184,6 +200,10 @@ class Scenario:
         group = next(g for g in info.groups if g.name == GROUP)
         lost = sorted(published - set(handled) - dead)
         self.extra["keys_out_of_order"] = len(self.out_of_order())
+        if self.producer is not None:  # publishes retried after an error (duplicates)
+            self.extra["producer_retries"] = int(
+                self.producer.output().split("done ")[-1].split()[0]
+            )
         result = record(
             Audit(
                 scenario=scenario,
@@ -271,12 +291,11 @@ async def test_partition_member_killed(
     await run.start(["c0", "c1", "c2"])
     before = await run.owners()
     theirs = {p for p, who in before.items() if who == "c0"}
-    held = 0
-    for stream in await run.topic.partition_streams():
-        held += len(await run.client.xpending_range(stream, GROUP, "-", "+", 10_000, "c0"))
+    held = await run.held("c0")
     run.kill("c0")
     killed = time.monotonic()
     run.extra["held_at_kill"] = held
+    assert held, "c0 held no message when it was killed: nothing to take over"
 
     async def taken_over() -> bool:
         owners = await run.owners()
@@ -302,6 +321,7 @@ async def test_partition_member_frozen_fences_itself(
     before = await run.owners()
     theirs = {p for p, who in before.items() if who == "c0"}
     victim = run.workers["c0"]
+    held = await run.held("c0")
     victim.popen.send_signal(signal.SIGSTOP)
     frozen = time.monotonic()
     try:
@@ -322,6 +342,7 @@ async def test_partition_member_frozen_fences_itself(
         f"taken over after {took:.1f}s"
     )
     run.extra["takeover_s"] = round(took, 2)
+    run.extra["held_at_freeze"] = held
     # Thawed, c0 rejoins the map and gets its share back through a handover.
     await until(run.balanced, 30, "two partitions each again")
     result = await run.audit("partitions-member-frozen", record)
@@ -386,3 +407,41 @@ async def test_partition_cluster_failover(
     )
     result = await run.audit("partitions-cluster-failover", record)
     assert result.lost == 0
+
+
+async def test_partition_slot_resharded(
+    scenario: Callable[[str], Scenario],
+    record: Callable[[Audit], Audit],
+    cluster: LocalCluster,
+) -> None:
+    """The slot of one partition (its stream and every key of its tag: owner
+    hash, dead letters, ...) migrated to another master under load, as
+    ``redis-cli --cluster reshard`` does it (IMPORTING, MIGRATING, MIGRATE in
+    small batches, SETSLOT NODE on every master): nothing lost."""
+    run = scenario("p-reshard")
+    streams = await Topic(run.client, run.stream, partitions=PARTITIONS).partition_streams()
+    slot = key_slot(streams[0].encode())
+    await run.start(["c0", "c1", "c2"])
+    source, _ = cluster.owner(slot)
+    masters = sorted(n.port for n in cluster.nodes(source) if n.master and n.slots)
+    target = next(port for port in masters if port != source)
+    source_id = cluster.call(source, "CLUSTER", "MYID")
+    target_id = cluster.call(target, "CLUSTER", "MYID")
+    at = run.published()
+    began = time.monotonic()
+    cluster.call(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    cluster.call(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    moved = 0
+    while keys := cluster.call(source, "CLUSTER", "GETKEYSINSLOT", slot, 2):
+        cluster.call(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        moved += len(keys)
+        await anyio.sleep(0.2)  # let the load run while the slot is split
+    for port in [target, source, *(p for p in masters if p not in (source, target))]:
+        cluster.call(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    await until(lambda: cluster.owner(slot)[0] == target, 30, "every node to see the new owner")
+    await until(cluster.healthy, 30, "the cluster to settle")
+    run.faults.append(
+        f"slot {slot} (partition 0, {moved} keys) migrated {source}->{target} at {at} "
+        f"published, in {time.monotonic() - began:.1f}s"
+    )
+    await run.audit("partitions-reshard", record)
