@@ -218,12 +218,14 @@ class PartitionedRuntime:
         self._last_beat = self.member.last_ok = time.monotonic()
         return live
 
-    async def _lease(self, p: int) -> bool:
+    async def _lease(self, p: int, *, renew_only: bool = False) -> bool:
         """Take or renew partition ``p``; True when it is ours for ``member_ttl``
         from when the request was sent (its runtime may start messages for
         two thirds of that)."""
         sent = time.monotonic()
-        taken = await self.membership.acquire(self.part_keys[p].owners, self.settings.member_ttl)
+        taken = await self.membership.acquire(
+            self.part_keys[p].owners, self.settings.member_ttl, renew_only=renew_only
+        )
         if taken:
             self._fence_until[p] = sent + self.settings.member_ttl * 2 / 3
             runtime = self.running.get(p)
@@ -306,13 +308,16 @@ class PartitionedRuntime:
         for p in sorted(mine | set(self.running)):
             if self._stopping.is_set():
                 return
-            taken = await self._lease(p)
+            # A partition being handed over keeps its lease while its runtime
+            # drains, but is never taken back: its runtime may end (and
+            # release it to its next owner) while we wait for the reply.
+            taken = await self._lease(p, renew_only=p not in mine)
             if p in self.running:
                 if not taken and not self._hard_stopping(p):
                     logger.warning("%s: partition %d was taken over; stopping it", self, p)
                     self._stop_partition(p, hard=True)
                 continue
-            if taken:
+            if taken and p in mine:
                 await self._start_partition(p)
 
     async def _start_partition(self, p: int) -> None:

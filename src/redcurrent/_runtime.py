@@ -356,8 +356,10 @@ class Runtime:
             await self._guard(recover_own_pending, member, inflight, submit)
             if self.partition is not None:
                 # A partition just taken over: what its last owner handed back
-                # goes before anything newer, for per-key order.
-                await self._guard(claimer.claim_once)
+                # goes before anything newer, for per-key order. All of it:
+                # one step claims only ``count`` entries, and the reader would
+                # start newer entries of the same keys beside the rest.
+                await self._guard(claimer.claim_all)
             async with anyio.create_task_group() as feeders:
                 feeders.start_soon(self._guard, claimer.run)
                 feeders.start_soon(self._guard, reader.run)
