@@ -28,7 +28,7 @@ from ._cleanup import AutoCleaner
 from ._config import ConsumerConfig
 from ._control import ControlListener, announce_hand_back
 from ._dead import DeadLetterWriter
-from ._dispatch import Counters, Dispatcher
+from ._dispatch import Counters, Dispatcher, Fence
 from ._housekeeping import prune_idle_consumers
 from ._inflight import InFlight
 from ._keys import TopicKeys
@@ -71,6 +71,7 @@ class Runtime:
         counters: Counters | None = None,
         partition: int | None = None,
         topic: str | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings
@@ -79,6 +80,7 @@ class Runtime:
         # name and the partition; the counters are the whole consumer's.
         self.counters = counters if counters is not None else Counters()
         self.partition = partition
+        self.fence = fence
         self.topic = topic if topic is not None else settings.stream
         self.keys = TopicKeys(settings.stream)
         self.member = GroupMember(redis, self.keys, settings.group, settings.name)
@@ -177,6 +179,7 @@ class Runtime:
         dispatcher = Dispatcher(
             stream=self.topic,
             partition=self.partition,
+            fence=self.fence,
             router=self.router,
             inflight=inflight,
             ack=acker.add,
