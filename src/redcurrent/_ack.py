@@ -13,6 +13,7 @@ import anyio
 
 from ._inflight import InFlight
 from ._member import GroupMember
+from ._redis import packed_sender
 
 __all__ = ["Acker"]
 
@@ -32,7 +33,17 @@ class Acker:
     room held by entries waiting for their XACK is free only once it is on
     its way."""
 
-    __slots__ = ("_delay", "_ids", "_inflight", "_lock", "_member", "_wake", "acked")
+    __slots__ = (
+        "_delay",
+        "_head",
+        "_ids",
+        "_inflight",
+        "_lock",
+        "_member",
+        "_send",
+        "_wake",
+        "acked",
+    )
 
     def __init__(self, member: GroupMember, inflight: InFlight, delay: float = 0.002) -> None:
         self._member = member
@@ -45,6 +56,11 @@ class Acker:
         # find nothing to send while that one is being cancelled.
         self._lock = anyio.Lock()
         self.acked = 0
+        # XACK of hundreds of ids: packed by hiredis (see packed_sender), with
+        # the names encoded as the client encodes them.
+        encode = member.redis.get_encoder().encode
+        self._head = ("XACK", encode(member.stream), encode(member.group))
+        self._send = packed_sender(member.redis)
 
     def add(self, entry_id: bytes) -> None:
         ids = self._ids
@@ -100,5 +116,4 @@ class Acker:
                 self.acked += len(batch)
 
     async def _xack(self, batch: list[bytes]) -> Any:
-        member = self._member
-        return await member.redis.execute_command("XACK", member.stream, member.group, *batch)
+        return await self._send(*self._head, *batch)

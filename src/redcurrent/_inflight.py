@@ -26,6 +26,8 @@ __all__ = ["BATCH_WAIT", "Entries", "InFlight", "Item", "Submit"]
 #: How long the reader waits for handlers to free half the budget before it
 #: reads what room there is (seconds).
 BATCH_WAIT = 0.01
+#: A countdown no run of releases reaches: room was signalled, nothing to check.
+_NO_CHECK = 1 << 62
 
 #: raw entry id, fields, delivery count
 Item = tuple[bytes, dict[bytes, bytes], int]
@@ -221,6 +223,10 @@ class InFlight:
         room = self.free() + self.unacked
         if room >= half:
             self._space.set()
+            # Woken: until a waiter waits again (which resets the countdown)
+            # releases need not check. A worker that runs many handlers before
+            # the woken reader gets the loop would otherwise check at each one.
+            self._countdown = _NO_CHECK
             return
         self._countdown = half - room
 
