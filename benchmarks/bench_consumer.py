@@ -313,6 +313,7 @@ async def _measure(url: str, stream: str, n: int, v: Variant) -> dict[str, Any]:
     sink = Sink(n)
     try:
         before = await server_counters(probe)
+        cpu_started = time.process_time()
         started = time.perf_counter()
         if v.impl == "redcurrent":
             consumer = make_consumer(
@@ -322,6 +323,7 @@ async def _measure(url: str, stream: str, n: int, v: Variant) -> dict[str, Any]:
                 await sink.done.wait()
                 polls = await wait_acked(probe, stream)
                 elapsed = time.perf_counter() - started
+                client_cpu = time.process_time() - cpu_started
                 after = await server_counters(probe)
         else:
             loop_fn = raw_loop if v.impl == "raw" else raw_pipelined_loop
@@ -329,13 +331,20 @@ async def _measure(url: str, stream: str, n: int, v: Variant) -> dict[str, Any]:
             await loop_fn(client, stream, "raw", sink.one, block_ms=1000, until=lambda: sink.n >= n)
             polls = await wait_acked(probe, stream)
             elapsed = time.perf_counter() - started
+            client_cpu = time.process_time() - cpu_started
             after = await server_counters(probe)
     finally:
         await client.aclose()
         await probe.aclose()
     cpu, calls = counters_delta(before, after, own={"xpending": polls})
     handled = sink.handled_at - started
-    return {"seconds": elapsed, "handled_s": handled, "server_cpu_s": cpu, "commands": calls}
+    return {
+        "client_cpu_s": client_cpu,
+        "seconds": elapsed,
+        "handled_s": handled,
+        "server_cpu_s": cpu,
+        "commands": calls,
+    }
 
 
 async def _prepare(url: str, template: str, stream: str, count: int, n: int) -> None:
@@ -395,6 +404,8 @@ def throughput(url: str, n: int, repeat: int, quick: bool) -> dict[str, Any]:
             "msgs_per_s": n / med,
             "us_per_msg": med / n * 1e6,
             "server_cpu_us_per_msg": median([r["server_cpu_s"] for r in rs]) / n * 1e6,
+            # This process's CPU time (user + sys): steadier than wall time on a busy machine.
+            "client_cpu_us_per_msg": median([r["client_cpu_s"] for r in rs]) / n * 1e6,
             # From the last handler call until XPENDING shows the last ack.
             "ack_lag_ms": median([(r["seconds"] - r["handled_s"]) * 1e3 for r in rs]),
             "commands_per_msg": median(cmds),

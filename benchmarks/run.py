@@ -176,8 +176,9 @@ def markdown(res: dict[str, Any]) -> str:
             "`msgspec.json.decode` of `data`, the same trivial async handler per message, the "
             "batch's XACK in one pipeline with the next XREADGROUP). Server CPU is `INFO cpu` "
             "user + sys over the run; commands are `INFO commandstats` calls (INFO and the "
-            "XPENDING polls of the measurement left out); *ack lag*: from the last handler call "
-            "until XPENDING shows no pending entry (part of the time).",
+            "XPENDING polls of the measurement left out); client CPU is this process's CPU "
+            "time over the run (steadier than wall time when the machine is busy); *ack lag*: "
+            "from the last handler call until XPENDING shows no pending entry (part of the time).",
             "",
             "| variant | msgs/s | vs strongest loop | server CPU µs/msg | vs loop | commands/msg |",
             "|---|---:|---:|---:|---:|---:|",
