@@ -468,17 +468,19 @@ async def _fair_once(url: str, n: int, prefetch: int, consumers: int) -> list[in
 
 
 def fairness(url: str, n: int, repeat: int, prefetches: tuple[int, ...] = (256, 1024)) -> Any:
-    """The share of a backlog each of 3 competing consumers gets, per prefetch."""
-    per: dict[int, list[list[float]]] = {p: [] for p in prefetches}
+    """The share of a backlog each of 3 competing consumers gets, per prefetch,
+    on a backlog of ``n`` and of ``n // 10``."""
+    sizes = (n, max(300, n // 10))
+    per: dict[tuple[int, int], list[list[float]]] = {(p, m): [] for m in sizes for p in prefetches}
     for _ in range(repeat):
-        for p in prefetches:
-            counts = run_in_loop("asyncio", _fair_once(url, n, p, 3))
-            per[p].append(sorted((c / n for c in counts), reverse=True))
+        for p, m in per:
+            counts = run_in_loop("asyncio", _fair_once(url, m, p, 3))
+            per[(p, m)].append(sorted((c / m for c in counts), reverse=True))
     out: dict[str, Any] = {}
-    for p, runs in per.items():
-        out[str(p)] = {
+    for (p, m), runs in per.items():
+        out[f"{p}/{m}"] = {
             "prefetch": p,
-            "messages": n,
+            "messages": m,
             "max_share": median([r[0] for r in runs]),
             "min_share": median([r[-1] for r in runs]),
             "runs": runs,
@@ -694,15 +696,7 @@ async def idle(url: str, seconds: float) -> dict[str, Any]:
     client = aredis.Redis.from_url(url)
     out: dict[str, Any] = {}
 
-    async def commands() -> int:
-        info = await client.info("stats")
-        return int(info["total_commands_processed"])
-
     try:
-        # What one of our own INFO calls adds to the counter.
-        a = await commands()
-        b = await commands()
-        own = b - a
         for impl in ("raw", "redcurrent"):
             stream = f"bench:idle:{impl}"
             await client.delete(stream)
@@ -714,18 +708,22 @@ async def idle(url: str, seconds: float) -> dict[str, Any]:
                 raise RuntimeError(f"idle child ({impl}) did not start: {line!r}")
             await anyio.sleep(1.0)  # let start-up traffic settle
             ps = psutil.Process(proc.pid)
-            c0, cpu0, t0 = await commands(), ps.cpu_times(), time.perf_counter()
+            c0, cpu0, t0 = await server_counters(client), ps.cpu_times(), time.perf_counter()
             await anyio.sleep(seconds)
-            c1, cpu1, t1 = await commands(), ps.cpu_times(), time.perf_counter()
+            c1, cpu1, t1 = await server_counters(client), ps.cpu_times(), time.perf_counter()
             proc.stdin.write("stop\n")
             proc.stdin.flush()
             await anyio.to_thread.run_sync(proc.wait)
             wall = t1 - t0
             cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+            # INFO commandstats: every command, those inside scripts too (INFO left out).
+            _, calls = counters_delta(c0, c1, own={})
+            n = sum(calls.values())
             out[impl] = {
                 "seconds": wall,
-                "commands": c1 - c0 - own,
-                "commands_per_s": (c1 - c0 - own) / wall,
+                "commands": n,
+                "commands_per_s": n / wall,
+                "by_command_per_s": {k: v / wall for k, v in sorted(calls.items())},
                 "cpu_pct": 100 * cpu / wall,
             }
             await client.delete(stream)

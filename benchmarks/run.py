@@ -180,12 +180,15 @@ def markdown(res: dict[str, Any]) -> str:
             "time over the run (steadier than wall time when the machine is busy); *ack lag*: "
             "from the last handler call until XPENDING shows no pending entry (part of the time).",
             "",
-            "| variant | msgs/s | vs strongest loop | server CPU µs/msg | vs loop | commands/msg |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| variant | msgs/s | vs strongest loop | client CPU µs/msg | vs loop "
+            "| server CPU µs/msg | vs loop | commands/msg | ack lag ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for key, r in tp.items():
             lines.append(
                 f"| {r['label']} | {_fmt(r['msgs_per_s'])} | {_x(_tp_ratio(tp, key))} "
+                f"| {r['client_cpu_us_per_msg']:.2f} "
+                f"| {_x(_tp_ratio(tp, key, 'client_cpu_us_per_msg'))} "
                 f"| {r['server_cpu_us_per_msg']:.2f} "
                 f"| {_x(_tp_ratio(tp, key, 'server_cpu_us_per_msg'))} "
                 f"| {r['commands_per_msg']:.4f} | {r.get('ack_lag_ms', math.nan):.1f} |"
@@ -255,6 +258,12 @@ def markdown(res: dict[str, Any]) -> str:
             f"| CPU % | {rc['cpu_pct']:.2f} | {raw['cpu_pct']:.2f} "
             f"| {_x(ratio(rc['cpu_pct'], raw['cpu_pct']))} |"
         )
+        by = rc.get("by_command_per_s", {})
+        if by:
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in by.items())
+            lines.append(
+                f"| redcurrent's commands/s by command (inside scripts too) | {shown} | | |"
+            )
     fair = res.get("fairness")
     if fair:
         lines += [
