@@ -21,6 +21,7 @@ __all__ = ["Acker"]
 MAX_IDS_PER_ACK = 2000
 #: How long ids may wait for the reader to send them with its next read, when
 #: it waits for room (seconds); bounded, so that slow handlers' acks still go.
+#: Ids the reader leaves when it wakes go at once.
 DEFERRED = 0.05
 
 
@@ -94,8 +95,14 @@ class Acker:
             await self._wake.wait()
             self._wake = anyio.Event()
             if len(self._ids) < MAX_IDS_PER_ACK:
-                # A reader waiting for room sends the ids ahead of its next read.
-                await anyio.sleep(DEFERRED if self._inflight.reader_waiting else self._delay)
+                if self._inflight.reader_waiting:
+                    # A reader waiting for room sends the ids ahead of its next
+                    # read. Once it is awake, what it left (a read with room
+                    # to spare goes alone) is sent at once, not DEFERRED later.
+                    with anyio.move_on_after(DEFERRED):
+                        await self._inflight.reader_woken().wait()
+                else:
+                    await anyio.sleep(self._delay)
             await self.flush()
 
     async def flush(self) -> None:

@@ -87,6 +87,7 @@ class InFlight:
         self._space = anyio.Event()
         self._space_waiters = 0
         self._countdown = 0
+        self._reader_woken: anyio.Event | None = None
 
     # -- the lease ------------------------------------------------------------
     def to_refresh(self) -> list[bytes]:
@@ -186,6 +187,16 @@ class InFlight:
         finally:
             self._space_waiters -= 1
             self.reader_waiting = False
+            if reader and self._reader_woken is not None:
+                self._reader_woken.set()
+                self._reader_woken = None
+
+    def reader_woken(self) -> anyio.Event:
+        """Set once the reader, waiting for room now, stops waiting: by then it
+        has taken the acknowledgements it sends ahead of its read, or left them."""
+        if self._reader_woken is None:
+            self._reader_woken = anyio.Event()
+        return self._reader_woken
 
     def waiting_for_space(self) -> int:
         """Reads and claims blocked for room right now (0 once they are woken)."""
