@@ -409,7 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         res["meta"] = {
             "when": time.strftime("%Y-%m-%d %H:%M:%S"),
             "quick": quick,
-            "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
+            "command": " ".join(
+                [f"BENCH_LOOP={loop}" for loop in [os.environ.get("BENCH_LOOP")] if loop]
+                + ["python", "benchmarks/run.py", *(argv or sys.argv[1:])]
+            ),
             "repeat": repeat,
             "count": count,
             "python": platform.python_version(),
