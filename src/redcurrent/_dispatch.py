@@ -181,6 +181,13 @@ class Dispatcher:
         entries: list[tuple[bytes, dict[bytes, bytes]]],
         counts: dict[bytes, int] | None = None,
     ) -> None:
+        if self.closing:
+            # A read or claim that was under way when the stop came: nothing
+            # new starts now. The entries stay pending, and the stop's final
+            # hand-back (all of this consumer's pending list) gives them away.
+            # Taking them would start newer messages of a key whose older
+            # ones were just handed back.
+            return
         inflight = self.inflight
         held = inflight.held
         lost = inflight.lost
