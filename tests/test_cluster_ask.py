@@ -27,7 +27,7 @@ from redis.crc import key_slot
 from helpers import wait_until as until
 from redcurrent import Message, StartFrom, StreamConsumer, Topic
 from redcurrent._cluster_ask import execute_command, is_ask_ping_pong
-from redcurrent._faults import Fault, classify
+from redcurrent._faults import Fault, classify, error_code
 from redcurrent.testing import RedisServer, find_redis_server
 from test_cluster import (  # the local three-master cluster of test_cluster.py
     _cluster_ports,
@@ -40,7 +40,12 @@ from test_cluster import (  # the local three-master cluster of test_cluster.py
 # re-initialises, dropping ClusterNodes with their connections open (redis-py);
 # collected during a test, their ResourceWarnings would fail it. The imported
 # module fixture collects the rest when the module ends.
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+# redis-py 5.0's connections, collected after the loop closed, raise from __del__.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+
 
 FAST: dict[str, Any] = {"claim_idle": 0.5, "block": 0.3, "shutdown_timeout": 1.0}
 
@@ -141,8 +146,9 @@ async def test_writes_in_the_ask_window_succeed_through_the_workaround(
         await _ping_many(cluster, window.target_node, 2)
         ids.append(await execute_command(cluster, topic.name, "EVALSHA", sha, 1, topic.name))
         assert window.on_target("XLEN", topic.name) == len(ids)
-        with pytest.raises(rex.AskError):  # not on the migrating node: it says ASK
+        with pytest.raises(rex.ResponseError) as asked:  # not on the migrating node
             window.source.exists(topic.name)
+        assert error_code(asked.value) == "ASK"
 
         window.finish()
         # The migration done: the owner answers MOVED and redis-py takes over again.
@@ -210,7 +216,7 @@ async def test_classify_cluster_errors(cluster: RedisCluster, cluster_url: str) 
     # TRYAGAIN: a multi-key command whose keys are split by a migration.
     with ask_window(cluster, "{t}", {"{t}a": "1", "{t}b": "2"}) as window:
         window.migrate("{t}a")
-        with pytest.raises(rex.TryAgainError) as tryagain:
+        with pytest.raises(rex.ResponseError) as tryagain:  # TryAgainError in redis-py 8
             window.source.mget("{t}a", "{t}b")
         errors["TRYAGAIN"] = tryagain.value
 
@@ -233,7 +239,7 @@ async def test_classify_cluster_errors(cluster: RedisCluster, cluster_url: str) 
     args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
     with RedisServer(binary, port=_cluster_ports(1)[0], extra_args=args) as lone:
         async with redis.asyncio.Redis(port=lone.port) as node:
-            with pytest.raises(rex.ClusterDownError) as down:
+            with pytest.raises(rex.ResponseError) as down:  # ClusterDownError in redis-py 8
                 await node.xadd("s", {"a": "b"})
             errors["CLUSTERDOWN"] = down.value
 
