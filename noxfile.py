@@ -6,6 +6,7 @@
     nox -s tests-3.12            # the suite on one interpreter (3.10 ... 3.13; skipped if absent)
     nox -s tests-redis           # the suite on Redis 6.2, 7.0, 8.2 and Valkey (private servers)
     nox -s tests-redis-8.2       # ... on one of them
+    nox -s tests-redis-extra     # ... on 6.2, 8.2 and Valkey: what CI runs besides 7.0
     nox -s chaos                 # the fault suite on Redis 7.0 and 8.2 (-- --chaos-scale=short: CI)
     nox -s demo                  # examples/demo.py
     nox -s bench -- --quick      # benchmarks/run.py
@@ -170,13 +171,33 @@ def _private_server_env(path: str) -> dict[str, str]:
     }
 
 
-def _tests_redis_flavour(session: nox.Session, flavour: str) -> None:
-    session.install("-e", ".[test]")
-    path = _flavour_binary(session, flavour)
-    if path is None:
-        session.skip(f"no redis-server binary for flavour {flavour!r}")
-    session.log(f"REDCURRENT_REDIS_SERVER={path}")
-    session.run("pytest", *session.posargs, env=_private_server_env(path))
+# The flavours CI runs besides the system's 7.0 (which `tests` and `tests-lowest` use).
+CI_EXTRA_FLAVOURS = ["6.2", "8.2", "valkey"]
+
+
+# Two pytest workers (pytest-xdist) for the flavour runs: each worker starts its own
+# private server on a free port (these sessions never take a shared URL, see
+# _private_server_env), and --dist loadfile keeps a file's tests on one worker, so a
+# module's fixtures (test_cluster's local cluster) start once. Arguments after `--`
+# come later and win (`-- -n 0` runs serially).
+XDIST = ["-n", "2", "--dist", "loadfile"]
+
+
+def _tests_redis_flavours(session: nox.Session, flavours: list[str]) -> None:
+    """The suite once per flavour, all in this session's one virtualenv: the
+    install is paid once, not once per flavour."""
+    session.install("-e", ".[test]", "pytest-xdist>=3.6")
+    ran = 0
+    for flavour in flavours:
+        path = _flavour_binary(session, flavour)
+        if path is None:
+            session.warn(f"no redis-server binary for flavour {flavour!r}: skipped")
+            continue
+        session.log(f"flavour {flavour}: REDCURRENT_REDIS_SERVER={path}")
+        session.run("pytest", *XDIST, *session.posargs, env=_private_server_env(path))
+        ran += 1
+    if not ran:
+        session.skip(f"no redis-server binary for {', '.join(flavours)}")
 
 
 for _flavour in REDIS_FLAVOURS:
@@ -184,14 +205,19 @@ for _flavour in REDIS_FLAVOURS:
     @nox.session(name=f"tests-redis-{_flavour}", python=None)
     def _tests_redis_one(session: nox.Session, _flavour: str = _flavour) -> None:
         """The test suite against one Redis server flavour (no lint)."""
-        _tests_redis_flavour(session, _flavour)
+        _tests_redis_flavours(session, [_flavour])
 
 
 @nox.session(name="tests-redis", python=None)
 def tests_redis(session: nox.Session) -> None:
-    """The test suite against Redis 6.2, 7.0, 8.2 and Valkey, one session each."""
-    for flavour in REDIS_FLAVOURS:
-        session.notify(f"tests-redis-{flavour}", posargs=session.posargs)
+    """The test suite against Redis 6.2, 7.0, 8.2 and Valkey, in one virtualenv."""
+    _tests_redis_flavours(session, list(REDIS_FLAVOURS))
+
+
+@nox.session(name="tests-redis-extra", python=None)
+def tests_redis_extra(session: nox.Session) -> None:
+    """The test suite against Redis 6.2, 8.2 and Valkey (CI's run), in one virtualenv."""
+    _tests_redis_flavours(session, CI_EXTRA_FLAVOURS)
 
 
 CHAOS_FLAVOURS = ["7.0", "8.2"]
