@@ -26,7 +26,7 @@ from redis.crc import key_slot
 
 from helpers import wait_until as until
 from redcurrent import Message, StartFrom, StreamConsumer, Topic
-from redcurrent._cluster_ask import execute_command, is_ask_ping_pong
+from redcurrent._cluster_ask import execute_command, is_ask_ping_pong, run_script
 from redcurrent._faults import Fault, classify, error_code
 from redcurrent.testing import RedisServer, find_redis_server
 from test_cluster import (  # the local three-master cluster of test_cluster.py
@@ -141,10 +141,12 @@ async def test_writes_in_the_ask_window_succeed_through_the_workaround(
             args = topic._xadd_args("job", {"n": n}, None, None)
             ids.append(await execute_command(cluster, topic.name, *args))
         # A script (what keyed and batched publishes run) takes the same path.
-        script = "return redis.call('XADD', KEYS[1], '*', 'type', 'job', 'data', '{}')"
-        sha = await cluster.script_load(script)
-        await _ping_many(cluster, window.target_node, 2)
-        ids.append(await execute_command(cluster, topic.name, "EVALSHA", sha, 1, topic.name))
+        script = cluster.register_script(
+            "return redis.call('XADD', KEYS[1], '*', 'type', ARGV[1], 'data', '{}')"
+        )
+        for _ in range(2):  # NOSCRIPT (then loaded), then cached
+            await _ping_many(cluster, window.target_node, 2)
+            ids.append(await run_script(cluster, script, [topic.name], ["job"]))
         assert window.on_target("XLEN", topic.name) == len(ids)
         with pytest.raises(rex.ResponseError) as asked:  # not on the migrating node
             window.source.exists(topic.name)

@@ -10,7 +10,8 @@ to the migrating one, which says ``ASK`` again, until the request TTL runs out
 (``ClusterError("TTL exhausted.")``); every 5th MOVED on the way closes all the
 client's connections. Reproduction: ``tools/repro_redis_py_ask.py``.
 
-:func:`execute_command` runs a command as ``redis.execute_command`` does and,
+:func:`execute_command` runs a command as ``redis.execute_command`` does
+(:func:`run_script` a registered script, as calling it does) and,
 when redis-py gives up that way, sends it again itself: to the slot's owner
 without following redirects, and on an ``ASK`` reply sends ``ASKING`` and the
 command together on one connection of the importing node, as Redis requires.
@@ -28,15 +29,17 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis import exceptions as rex
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.commands.core import AsyncScript
 from redis.typing import EncodableT, KeyT
 
 from ._redis import AnyRedis
 
-__all__ = ["ASK_WINDOW", "execute_command", "is_ask_ping_pong"]
+__all__ = ["ASK_WINDOW", "execute_command", "is_ask_ping_pong", "run_script"]
 
 ASK_WINDOW = 10.0
 """Seconds a slot that showed the ping-pong keeps taking the direct path."""
@@ -76,6 +79,25 @@ async def execute_command(redis: AnyRedis, key: KeyT, *args: EncodableT, **optio
             raise
     _asking_slots.setdefault(redis, {})[slot] = time.monotonic() + ASK_WINDOW
     return await _direct(redis, slot, args, options)
+
+
+async def run_script(
+    redis: AnyRedis,
+    script: AsyncScript,
+    keys: Sequence[KeyT],
+    args: Iterable[EncodableT] = (),
+) -> Any:
+    """``script(keys=keys, args=args)`` (EVALSHA, loading the script on
+    ``NOSCRIPT`` as redis-py does) through :func:`execute_command`: the first
+    key picks the slot, so every key must share its slot, as on any cluster."""
+    if not keys:
+        return await script(keys=keys, args=args, client=redis)
+    argv = (*keys, *args)
+    try:
+        return await execute_command(redis, keys[0], "EVALSHA", script.sha, len(keys), *argv)
+    except rex.NoScriptError:
+        script.sha = await redis.script_load(script.script)
+        return await execute_command(redis, keys[0], "EVALSHA", script.sha, len(keys), *argv)
 
 
 def _forget(redis: RedisCluster, slot: int) -> None:
