@@ -70,6 +70,19 @@ REDIS_FLAVOURS: dict[str, tuple[str | None, str]] = {
 }
 
 
+# Two pytest workers (pytest-xdist): each worker starts its own private server on a
+# free port, and --dist loadfile keeps a file's tests on one worker, so a module's
+# fixtures (test_cluster's local cluster) start once. Not with a server given by
+# REDCURRENT_TEST_REDIS_URL: the workers would flush each other's database there.
+# Arguments after `--` come later and win (`-- -n 0` runs serially).
+XDIST_REQUIREMENT = "pytest-xdist>=3.6"
+XDIST = ["-n", "2", "--dist", "loadfile"]
+
+
+def _workers() -> list[str]:
+    return [] if os.environ.get("REDCURRENT_TEST_REDIS_URL") else XDIST
+
+
 def _lint_paths() -> list[str]:
     # Some of these may not exist yet in a fresh clone: ruff errors on missing paths.
     return [p for p in LINT_PATHS if (ROOT / p).exists()]
@@ -91,9 +104,9 @@ def _lint(session: nox.Session) -> None:
 
 
 def _run_tests(session: nox.Session) -> None:
-    session.install("-e", ".[test,dev,embedded]")
+    session.install("-e", ".[test,dev,embedded]", XDIST_REQUIREMENT)
     _lint(session)
-    session.run("pytest", *session.posargs)
+    session.run("pytest", *_workers(), *session.posargs)
 
 
 @nox.session(python=None)
@@ -141,7 +154,8 @@ def tests_lowest(session: nox.Session) -> None:
     session.log("lowest direct dependencies:\n" + constraints.read_text())
     # -c pins every package, so a reused virtualenv is moved down to these versions too.
     session.install("-c", str(constraints), "-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    session.install(XDIST_REQUIREMENT)  # not a project dependency: no lowest version of its own
+    session.run("pytest", *_workers(), *session.posargs)
 
 
 @nox.session(python=None)
@@ -175,18 +189,10 @@ def _private_server_env(path: str) -> dict[str, str]:
 CI_EXTRA_FLAVOURS = ["6.2", "8.2", "valkey"]
 
 
-# Two pytest workers (pytest-xdist) for the flavour runs: each worker starts its own
-# private server on a free port (these sessions never take a shared URL, see
-# _private_server_env), and --dist loadfile keeps a file's tests on one worker, so a
-# module's fixtures (test_cluster's local cluster) start once. Arguments after `--`
-# come later and win (`-- -n 0` runs serially).
-XDIST = ["-n", "2", "--dist", "loadfile"]
-
-
 def _tests_redis_flavours(session: nox.Session, flavours: list[str]) -> None:
     """The suite once per flavour, all in this session's one virtualenv: the
     install is paid once, not once per flavour."""
-    session.install("-e", ".[test]", "pytest-xdist>=3.6")
+    session.install("-e", ".[test]", XDIST_REQUIREMENT)
     ran = 0
     for flavour in flavours:
         path = _flavour_binary(session, flavour)
@@ -194,6 +200,7 @@ def _tests_redis_flavours(session: nox.Session, flavours: list[str]) -> None:
             session.warn(f"no redis-server binary for flavour {flavour!r}: skipped")
             continue
         session.log(f"flavour {flavour}: REDCURRENT_REDIS_SERVER={path}")
+        # Private servers only (_private_server_env): workers are always safe here.
         session.run("pytest", *XDIST, *session.posargs, env=_private_server_env(path))
         ran += 1
     if not ran:
