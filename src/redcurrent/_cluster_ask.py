@@ -135,6 +135,9 @@ async def asking(node: ClusterNode, args: tuple[Any, ...], options: dict[str, An
     the command's reply, parsed as redis-py's cluster client parses it."""
     connection = node.acquire_connection()
     try:
+        reconnect = getattr(node, "disconnect_if_needed", None)  # redis-py 8: stale state
+        if reconnect is not None:
+            await reconnect(connection)
         await connection.send_packed_command(connection.pack_commands([("ASKING",), args]))
         refused: rex.ResponseError | None = None
         try:
@@ -150,7 +153,7 @@ async def asking(node: ClusterNode, args: tuple[Any, ...], options: dict[str, An
 
 
 def _release(node: ClusterNode, connection: Any) -> None:
-    release = getattr(node, "release", None)  # redis-py >= 6; before, the free list
+    release = getattr(node, "release", None)  # newer redis-py; 5.0 appends to _free
     if release is not None:
         release(connection)
     else:
