@@ -1,6 +1,6 @@
 """One command to a key of a cluster slot under migration, despite redis-py's ASK bug.
 
-redis-py's asyncio cluster client (4.x ... 8.1 at least) answers an ``ASK``
+redis-py's asyncio cluster client (seen in 5.0.2 and 8.1.0) answers an ``ASK``
 redirect by sending ``ASKING`` to the importing node as a command of its own,
 on a pooled connection it then releases, and the real command on the next free
 connection (``RedisCluster._execute_command``, ``await
@@ -18,7 +18,9 @@ command together on one connection of the importing node, as Redis requires.
 Once a slot has shown the bug, its commands take that path first for
 :data:`ASK_WINDOW` seconds (the ping-pong costs 16 round trips and three
 reconnects of the whole client); a ``MOVED`` from the owner (the migration
-finished) hands the slot back to redis-py at once.
+finished) hands the slot back to redis-py at once. Sending the command again
+is safe also for a write: redis-py's loop only goes round on MOVED, ASK and
+TRYAGAIN, replies of a server that did not run it.
 
 Nothing of redis-py is patched: this uses ``RedisCluster.keyslot`` and
 ``get_node``, ``NodesManager.get_node_from_slot``, and ``ClusterNode.execute_command``,
