@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
+from ._cluster_ask import run_script
 from ._faults import Fault, classify
 from ._keys import TopicKeys, check_name
 from ._redis import AnyRedis
@@ -105,7 +106,7 @@ class IdempotentSender:
         retries = RETRY_DELAYS if len(memory) == len(keys) else ()
         for attempt in range(len(retries) + 1):
             try:
-                reply: list[bytes | str] = await script(keys=redis_keys, args=args)
+                reply: list[bytes | str] = await run_script(self._redis, script, redis_keys, args)
             except Exception as exc:
                 if attempt == len(retries) or classify(exc) is not Fault.TRANSIENT:
                     raise

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from redis.crc import key_slot
 
+from ._cluster_ask import execute_command, run_script
 from ._keys import TopicKeys
 from ._redis import AnyRedis
 from .errors import ConfigurationError, PartitionCountError
@@ -199,7 +200,9 @@ async def _read_or_create(redis: AnyRedis, name: str, partitions: int | None) ->
     keys = TopicKeys(name)
     if partitions is None or partitions == 1:
         # Only reading: one plain HMGET (what most topics, unpartitioned, cost).
-        stored = await redis.hmget(keys.meta, ["partitions", "streams", "state"])
+        stored = await execute_command(
+            redis, keys.meta, "HMGET", keys.meta, "partitions", "streams", "state"
+        )
         if stored[0] is None:
             return None
         return _layout(name, keys, [stored[0], stored[1], stored[2] or b"active"])
@@ -207,9 +210,11 @@ async def _read_or_create(redis: AnyRedis, name: str, partitions: int | None) ->
     if script is None:
         script = _scripts[redis] = redis.register_script(LAYOUT_SCRIPT)
     streams = spread_streams(name, partitions) if partitions and partitions > 1 else ()
-    reply = await script(
-        keys=[keys.meta, keys.stream],
-        args=["" if partitions is None else str(partitions), json.dumps(list(streams)), FORMAT],
+    reply = await run_script(
+        redis,
+        script,
+        [keys.meta, keys.stream],
+        ["" if partitions is None else str(partitions), json.dumps(list(streams)), FORMAT],
     )
     return _layout(name, keys, reply, partitions)
 

@@ -35,6 +35,7 @@ from typing import Any, Final
 
 import anyio
 
+from ._cluster_ask import run_script
 from ._keys import TopicKeys
 from ._member import GroupMember
 from ._redis import AnyRedis, as_str
@@ -212,7 +213,7 @@ async def _send(
     for schedule_id, fields in zip(ids, entries, strict=True):
         args += (schedule_id, _pack(fields))
     script = redis.register_script(SCHEDULE)
-    await script(keys=[keys.scheduled, keys.scheduled_data], args=args)
+    await run_script(redis, script, [keys.scheduled, keys.scheduled_data], args)
     return ids
 
 

@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from . import _cleanup, _control, _dead, _info, _schedule
+from . import _cleanup, _cluster_ask, _control, _dead, _info, _schedule
 from ._codec import ENCODE_FAILURES, check_message_type, data_error, encode_data, encode_metadata
 from ._config import CleanupPolicy
 from ._faults import denials_explained
@@ -310,7 +310,7 @@ class Topic:
                 return (await self._idempotent.send(head, entry, [key]))[0]
         args = self._xadd_args(message_type, data, metadata, maxlen, key)
         with self._denials("XADD"):
-            entry_id = await self._redis.execute_command(*args)
+            entry_id = await _cluster_ask.execute_command(self._redis, self.name, *args)
         return as_str(entry_id)
 
     async def publish_many(
@@ -470,7 +470,9 @@ class Topic:
             return []
         script = self._redis.register_script(PUBLISH_MANY_KEYED)
         with self._denials("publish_many"):
-            reply: list[bytes | str] = await script(keys=[self.name], args=args)
+            reply: list[bytes | str] = await _cluster_ask.run_script(
+                self._redis, script, [self.name], args
+            )
         return [as_str(entry_id) for entry_id in reply]
 
     def _scheduled_entries(self, items: Iterable[Any]) -> Iterator[tuple[bytes, bytes, bytes]]:
@@ -496,7 +498,9 @@ class Topic:
         if script is None:
             script = self._publish_script = self._redis.register_script(PUBLISH_MANY)
         with self._denials("publish_many"):
-            reply: list[bytes | str] = await script(keys=[self.name], args=args)
+            reply: list[bytes | str] = await _cluster_ask.run_script(
+                self._redis, script, [self.name], args
+            )
         return [
             entry_id.decode() if entry_id.__class__ is bytes else str(entry_id)
             for entry_id in reply
