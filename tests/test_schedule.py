@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio
 
 from helpers import Recorder, nothing_pending, wait_until
-from redcurrent import ConfigurationError, StartFrom, StreamConsumer, Topic
+from redcurrent import ConfigurationError, StartFrom, StreamConsumer, Topic, _schedule
 from redcurrent._schedule import MOVE_BATCH, MOVER_CAP, _pack
 from redcurrent.testing import RedisServer
 
@@ -288,10 +288,12 @@ async def test_a_decode_responses_client_schedules_and_moves(
 
 
 async def test_a_message_whose_notice_was_lost_still_arrives(
-    redis_client: redis.asyncio.Redis,
+    redis_client: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Written into the index without a notice (as if pub/sub had dropped
-    it): a sleeping mover still finds it, at the latest after its cap."""
+    it): a sleeping mover still finds it, at the latest after its cap (the
+    idle cap, 30 s, shortened here to the cap while messages wait)."""
+    monkeypatch.setattr(_schedule, "MOVER_IDLE_CAP", MOVER_CAP)
     topic = Topic(redis_client, STREAM)
     seen = Recorder()
     async with consumer_of(redis_client, "g", "c1", seen):

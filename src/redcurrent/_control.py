@@ -154,7 +154,7 @@ class ControlListener:
         on_scheduled: Callable[[int | None], None] | None = None,
         on_hand_back: Callable[[str], None] | None = None,
         on_members: Callable[[str], None] | None = None,
-        resync_interval: float = 5.0,
+        resync_interval: float = 30.0,
     ) -> None:
         if not resync_interval > 0:
             raise ConfigurationError(f"resync_interval must be > 0, got {resync_interval!r}")

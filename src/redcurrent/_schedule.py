@@ -44,6 +44,7 @@ from .errors import ConfigurationError
 __all__ = [
     "CANCEL_SCHEDULED",
     "MOVER_CAP",
+    "MOVER_IDLE_CAP",
     "MOVE_BATCH",
     "MOVE_DUE",
     "SCHEDULE",
@@ -61,6 +62,10 @@ MOVE_BATCH: Final = 100
 #: may have been missed), so this only bounds the delay when a notice is lost
 #: otherwise: it costs one script call per this many seconds per idle consumer.
 MOVER_CAP: Final = 5.0
+#: ... and when nothing is scheduled at all: a schedule announces itself (a
+#: notice wakes the mover), so this only bounds a lost notice's delay, and an
+#: idle consumer pays one script call per this many seconds.
+MOVER_IDLE_CAP = 30.0
 #: Without pub/sub (a cluster client that lacks it) nothing wakes a mover: look
 #: every second, so that messages still arrive within about a second.
 MOVER_CAP_WITHOUT_NOTICES: Final = 1.0
@@ -119,6 +124,10 @@ if ARGV[2] == 'check' and redis.acl_check_cmd and not (
 end
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if not first[2] or tonumber(first[2]) > ms then
+  return {0, ms, first[2] or false}  -- nothing due: the idle case, two reads
+end
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ms, 'LIMIT', 0, tonumber(ARGV[1]))
 for _, id in ipairs(due) do
   local packed = redis.call('HGET', KEYS[2], id)
@@ -262,9 +271,9 @@ class Mover:
     Every consumer of every group runs one; the script makes it safe (a
     message moves once) and cheap when another consumer got there first (an
     empty run: a few reads). Idle, it costs one script call per
-    :data:`MOVER_CAP` seconds. A ``scheduled <ms>`` notice costs nothing: it
-    only brings the wake-up forward, converted to this host's clock with the
-    offset the last run measured (off by at most that run's round trip), so
+    :data:`MOVER_IDLE_CAP` seconds (:data:`MOVER_CAP` while messages wait).
+    A ``scheduled <ms>`` notice costs nothing: it only brings the wake-up
+    forward, converted to this host's clock with the offset the last run measured (off by at most that run's round trip), so
     each consumer runs the script once per due time, when it comes.
     """
 
@@ -274,6 +283,7 @@ class Mover:
         self._keys = [keys.scheduled, keys.scheduled_data, keys.stream]
         self._script = member.redis.register_script(MOVE_DUE)
         self._cap = MOVER_CAP if notices else MOVER_CAP_WITHOUT_NOTICES
+        self._idle_cap = MOVER_IDLE_CAP if notices else MOVER_CAP_WITHOUT_NOTICES
         self._woken = anyio.Event()
         self._look = False
         self._noticed: int | None = None
@@ -305,7 +315,7 @@ class Mover:
             if moved >= MOVE_BATCH:
                 continue  # more may be due
             if next_ms is None:
-                return self._cap
+                return self._idle_cap
             # A duration on the server's clock, slept on ours: the two clocks'
             # offset cancels out. At least 1 ms, so that rounding never spins.
             wait = (float(as_str(next_ms)) - now_ms) / 1000
