@@ -273,8 +273,9 @@ class Mover:
     empty run: a few reads). Idle, it costs one script call per
     :data:`MOVER_IDLE_CAP` seconds (:data:`MOVER_CAP` while messages wait).
     A ``scheduled <ms>`` notice costs nothing: it only brings the wake-up
-    forward, converted to this host's clock with the offset the last run measured (off by at most that run's round trip), so
-    each consumer runs the script once per due time, when it comes.
+    forward, converted to this host's clock with the offset the last run
+    measured (off by at most that run's round trip), so each consumer runs
+    the script once per due time, when it comes.
     """
 
     def __init__(self, member: GroupMember, *, notices: bool = True) -> None:
