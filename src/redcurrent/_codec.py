@@ -194,8 +194,8 @@ def decode_type(entry_id: str, fields: Fields) -> str:
 
 
 def decode_metadata(entry_id: str, raw: bytes | None) -> dict[str, str]:
-    if raw is None or raw == _NULL:
-        return {}
+    if raw is None or raw == EMPTY_OBJECT or raw == _NULL:
+        return {}  # most entries: no decoder call
     try:
         return _metadata_decoder.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError included
