@@ -194,7 +194,7 @@ def decode_type(entry_id: str, fields: Fields) -> str:
 
 
 def decode_metadata(entry_id: str, raw: bytes | None) -> dict[str, str]:
-    if raw is None or raw == EMPTY_OBJECT or raw == _NULL:
+    if raw is None or raw in (EMPTY_OBJECT, _NULL):
         return {}  # most entries: no decoder call
     try:
         return _metadata_decoder.decode(raw)
