@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from redis import exceptions as rex
@@ -39,12 +39,17 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.typing import EncodableT, KeyT
 
-from ._redis import AnyRedis
+from ._redis import AnyRedis, packed_sender
 
 __all__ = ["ASK_WINDOW", "execute_command", "is_ask_ping_pong", "run_script"]
 
 ASK_WINDOW = 10.0
 """Seconds a slot that showed the ping-pong keeps taking the direct path."""
+
+# Per single-server client: its packed EVALSHA sender.
+_senders: weakref.WeakKeyDictionary[Any, Callable[..., Awaitable[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 # Per client: slot -> monotonic time until which its commands go direct.
 _asking_slots: weakref.WeakKeyDictionary[RedisCluster, dict[int, float]] = (
@@ -95,6 +100,17 @@ async def run_script(
     if not keys:
         return await script(keys=keys, args=args, client=redis)
     argv = (*keys, *args)
+    if not isinstance(redis, RedisCluster):
+        # One server: no redirects to survive. Packed by hiredis (the publish
+        # scripts carry thousands of arguments; see ``_redis.packed_sender``).
+        send = _senders.get(redis)
+        if send is None:
+            send = _senders[redis] = packed_sender(redis)
+        try:
+            return await send("EVALSHA", script.sha, len(keys), *argv)
+        except rex.NoScriptError:
+            script.sha = await redis.script_load(script.script)
+            return await send("EVALSHA", script.sha, len(keys), *argv)
     try:
         return await execute_command(redis, keys[0], "EVALSHA", script.sha, len(keys), *argv)
     except rex.NoScriptError:
