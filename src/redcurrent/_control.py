@@ -54,6 +54,9 @@ _BACKOFF_CAP: Final = 1.0
 _SUBSCRIBE_TIMEOUT: Final = 10.0
 _CLOSE_TIMEOUT: Final = 2.0
 _WAKE_INTERVAL: Final = 1.0
+#: Without pub/sub (redis-py's asyncio cluster client before 5.1) the set is
+#: polled this often at most: then nothing else tells of a stop or a resume.
+POLL_INTERVAL: Final = 5.0
 #: The action word of a hand-back notice.
 HAND_BACK: Final = "handback"
 #: The action word of a partitioned topic's membership notice: a member of the
@@ -101,7 +104,8 @@ async def announce_members(redis: AnyRedis, keys: TopicKeys, group: str) -> None
     """Tell the members of a partitioned topic's ``group`` that its member set or
     an owner changed, so that they recompute the map now rather than at their
     next heartbeat. Only a hint, like the hand-back notice."""
-    await redis.publish(keys.control_channel, f"{MEMBERS} {group}")
+    # execute_command: redis-py's asyncio cluster client before 5.1 has no publish().
+    await redis.execute_command("PUBLISH", keys.control_channel, f"{MEMBERS} {group}")
 
 
 async def announce_hand_back(redis: AnyRedis, keys: TopicKeys, group: str) -> int:
@@ -111,7 +115,7 @@ async def announce_hand_back(redis: AnyRedis, keys: TopicKeys, group: str) -> in
     hand-back, so any claim pass a listener starts on hearing it finds them.
     Only a hint: a peer that misses it claims them at its next pass all the
     same. Returns how many subscribers heard it (consumers of every group)."""
-    heard = await redis.publish(keys.control_channel, f"{HAND_BACK} {group}")
+    heard = await redis.execute_command("PUBLISH", keys.control_channel, f"{HAND_BACK} {group}")
     return int(heard)
 
 
@@ -135,10 +139,11 @@ class ControlListener:
     a partition).
 
     Cost while idle: one blocking read on a dedicated pub/sub connection and
-    one SMEMBERS per ``resync_interval``.
+    one SMEMBERS per ``resync_interval`` (30 s: notices act at once, and every
+    reconnect resyncs).
 
     On a cluster client without pub/sub support (redis-py before async
-    ``RedisCluster.pubsub``), it polls the set every ``resync_interval``
+    ``RedisCluster.pubsub``), it polls the set every :data:`POLL_INTERVAL` (5 s)
     instead: stop/resume then act within that interval, and a termination is
     noticed only through the stream errors (so it looks like a deletion).
     """
@@ -240,7 +245,7 @@ class ControlListener:
                     task_status.started()
                 outage.recovered()
                 backoff.reset()
-                await anyio.sleep(self._interval)
+                await anyio.sleep(min(self._interval, POLL_INTERVAL))
             except Exception as exc:  # classify() tells faults from bugs
                 fault = classify(exc)
                 if fault is Fault.DENIED:

@@ -14,6 +14,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Awaitable, Iterable
 
 import anyio
 import anyio.abc
@@ -36,6 +37,24 @@ from ._routes import RouteTable
 from ._runtime import Runtime
 
 __all__ = ["PartitionedRuntime"]
+
+
+async def _all(calls: Iterable[Awaitable[None]]) -> None:
+    """Await every call concurrently; the first error is raised as itself
+    (not inside an exception group: a transient fault must stay one)."""
+    failed: list[BaseException] = []
+
+    async def one(call: Awaitable[None]) -> None:
+        try:
+            await call
+        except Exception as exc:
+            failed.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for call in calls:
+            tg.start_soon(one, call)
+    if failed:
+        raise failed[0]
 
 
 def _ignore(_: str) -> None:
@@ -209,8 +228,6 @@ class PartitionedRuntime:
         try:
             await announce_members(self.redis, self.keys, self.settings.group)
         except Exception as exc:  # only a hint: the next heartbeat finds out anyway
-            if classify(exc) is Fault.FATAL:
-                raise
             logger.debug("%s: members notice not sent (%r)", self, exc)
 
     async def _beat(self) -> list[str]:
@@ -306,13 +323,22 @@ class PartitionedRuntime:
         for p in sorted(set(self.running) - mine - self._leaving):
             logger.info("%s: partition %d moves to another member; handing it over", self, p)
             self._stop_partition(p, hard=False)
-        for p in sorted(mine | set(self.running)):
-            if self._stopping.is_set():
-                return
+        wanted = sorted(mine | set(self.running))
+        results: dict[int, bool] = {}
+
+        async def lease(p: int) -> None:
             # A partition being handed over keeps its lease while its runtime
             # drains, but is never taken back: its runtime may end (and
             # release it to its next owner) while we wait for the reply.
-            taken = await self._lease(p, renew_only=p not in mine)
+            results[p] = await self._lease(p, renew_only=p not in mine)
+
+        # All at once: a tick takes one round trip, not one per partition
+        # (sequential renewals on a slow link would fence the last ones).
+        await _all(lease(p) for p in wanted)
+        for p in wanted:
+            if self._stopping.is_set():
+                return
+            taken = results[p]
             if p in self.running:
                 if not taken and not self._hard_stopping(p):
                     logger.warning("%s: partition %d was taken over; stopping it", self, p)
