@@ -264,3 +264,73 @@ async def test_publish_many_rejects_malformed_items(
     with pytest.raises(ConfigurationError, match="items are"):
         await topic.publish_many([("ok", {}), item])  # type: ignore[list-item]
     assert await redis_client.exists("orders") == 0
+
+
+# -- chunks sent ahead of their replies (one server) -----------------------------
+
+
+async def test_chunks_sent_ahead_keep_their_order_and_survive_a_script_flush(
+    redis_client: redis.asyncio.Redis, redis_url: str
+) -> None:
+    """Chunks after the first go out while the server still runs the one
+    before. A SCRIPT FLUSH (as a restart does) while chunks are on their way:
+    those that met it are sent again, in order, nothing twice."""
+    total = 5 * PUBLISH_CHUNK + 3
+    flusher = redis.Redis.from_url(redis_url)  # sync: flushes between two items
+
+    def items() -> Iterable[Any]:
+        for n in range(total):
+            if n == 2 * PUBLISH_CHUNK + 500:
+                flusher.script_flush()
+            yield ("n", {"n": n})
+
+    topic = Topic(redis_client, "ahead")
+    try:
+        ids = await topic.publish_many(items())
+    finally:
+        flusher.close()
+    entries = await redis_client.xrange("ahead")
+    assert [e[0].decode() for e in entries] == ids
+    assert [e[1][b"data"] for e in entries] == [b'{"n":%d}' % n for n in range(total)]
+
+
+async def test_a_chunk_failing_ahead_raises_and_leaves_the_connection_clean(
+    redis_client: redis.asyncio.Redis, redis_url: str
+) -> None:
+    """The key turns into a string after the first chunk went: the chunks sent
+    ahead fail (WRONGTYPE), publish_many raises the server's error, and the
+    client's connections carry no unread reply afterwards."""
+    saboteur = redis.Redis.from_url(redis_url)
+
+    def items() -> Iterable[Any]:
+        for n in range(4 * PUBLISH_CHUNK):
+            if n == PUBLISH_CHUNK + 1:  # the first chunk was written and answered
+                saboteur.delete("turns")
+                saboteur.set("turns", "not a stream")
+            yield ("n", {"n": n})
+
+    topic = Topic(redis_client, "turns")
+    try:
+        with pytest.raises(redis.exceptions.ResponseError) as raised:
+            await topic.publish_many(items())
+    finally:
+        saboteur.close()
+    assert "WRONGTYPE" in str(raised.value)
+    for _ in range(20):  # every pooled connection answers its own command
+        assert await redis_client.ping()
+    assert await redis_client.get("turns") == b"not a stream"
+
+
+async def test_a_bad_item_after_chunks_sent_ahead_waits_for_them(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    topic = Topic(redis_client, "bad-later")
+    items: list[Any] = [("n", {"n": n}) for n in range(3 * PUBLISH_CHUNK + 10)]
+    items[3 * PUBLISH_CHUNK + 5] = ("n", {"bad": object()})
+    with pytest.raises(ConfigurationError, match=f"item {3 * PUBLISH_CHUNK + 5}"):
+        await topic.publish_many(items)
+    # The three chunks before the bad item are written, whole and in order.
+    entries = await redis_client.xrange("bad-later")
+    assert [e[1][b"data"] for e in entries] == [b'{"n":%d}' % n for n in range(3 * PUBLISH_CHUNK)]
+    assert await topic.publish("n", {"n": -1})
+    assert await redis_client.xlen("bad-later") == 3 * PUBLISH_CHUNK + 1

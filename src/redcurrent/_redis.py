@@ -271,3 +271,67 @@ def uses_tls(client: AnyRedis) -> bool:
     if kind is None:  # a cluster keeps its nodes' connection class in its kwargs
         kind = getattr(client, "connection_kwargs", {}).get("connection_class")
     return isinstance(kind, type) and issubclass(kind, aredis.SSLConnection)
+
+
+class PackedStream:
+    """Commands on one connection, sent ahead of their replies: at most
+    ``window`` wait for theirs at a time. While the server runs one, the
+    client packs and sends the next (``publish_many``'s chunks: client and
+    server work overlap instead of taking turns). Replies come back in order,
+    an error reply as its exception instance. Packed and sent as
+    :func:`packed_sender` does, through redis-py's connection API; only for a
+    plain :class:`redis.asyncio.Redis` (:meth:`open` gives None otherwise).
+    A connection left with unread replies (an error or a cancellation on the
+    way) is disconnected before it goes back to the pool."""
+
+    __slots__ = ("_conn", "_pool", "_waiting", "_window")
+
+    def __init__(self, pool: Any, conn: Any, window: int) -> None:
+        self._pool = pool
+        self._conn = conn
+        self._window = window
+        self._waiting = 0
+
+    @classmethod
+    async def open(
+        cls, client: AnyRedis, command_name: str, window: int = 2
+    ) -> PackedStream | None:
+        found = _packing_pool(client)
+        if found is None:
+            return None
+        pool, named = found
+        conn = await (pool.get_connection(command_name) if named else pool.get_connection())
+        return cls(pool, conn, window)
+
+    async def send(self, command: tuple[Any, ...]) -> list[Any]:
+        """Send ``command``; returns the replies read meanwhile (oldest first)."""
+        await self._conn.send_packed_command(hiredis.pack_command(command))
+        self._waiting += 1
+        replies = []
+        while self._waiting > self._window:
+            replies.append(await self._read())
+        return replies
+
+    async def drain(self) -> list[Any]:
+        """Every reply still to come, in order."""
+        replies = []
+        while self._waiting:
+            replies.append(await self._read())
+        return replies
+
+    async def _read(self) -> Any:
+        try:
+            reply = await self._conn.read_response()
+        except ResponseError as exc:  # raised after the reply was read
+            reply = exc
+        self._waiting -= 1
+        return reply
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._waiting:
+            self._waiting = 0
+            await conn.disconnect()
+        await self._pool.release(conn)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+
+import anyio
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from . import _cleanup, _cluster_ask, _control, _dead, _info, _schedule
 from ._codec import ENCODE_FAILURES, check_message_type, data_error, encode_data, encode_metadata
@@ -20,7 +25,7 @@ from ._limits import DEFAULT_MAX_PAYLOAD_BYTES, FIELD_NAME_BYTES, check_limit
 from ._message import DeadLetter, TopicInfo
 from ._partitioned_topic import Partitioned, check_keys, check_message_key
 from ._partitions import LAYOUT_CACHE_SECONDS, check_partitions, load_layout
-from ._redis import AnyRedis, as_str, check_client
+from ._redis import AnyRedis, PackedStream, as_str, check_client
 from ._scripts import PUBLISH_MANY, PUBLISH_MANY_KEYED
 from .errors import ConfigurationError, EncodeError, PayloadTooLargeError
 
@@ -339,7 +344,9 @@ class Topic:
         its messages in order, so a chunk is written whole or, if the server
         fails it midway, up to the failing entry. Chunks are not one
         transaction: if a later chunk fails, the ids of the earlier ones are
-        lost to the caller while their entries stay. An invalid item (any
+        lost to the caller while their entries stay (and, on a single server,
+        where each chunk is sent while the server still runs the one before,
+        so may the entries of the chunk sent right after it). An invalid item (any
         error of :meth:`publish`, naming the item's index, or an item that is
         not such a tuple) raises before its chunk is sent: when all items fit
         in one chunk, nothing is sent.
@@ -418,23 +425,31 @@ class Topic:
         size = 0
         limit = 1 + 3 * PUBLISH_CHUNK
         entry = self._entry
-        for index, item in enumerate(iterator):
-            message_type, data, metadata, key = _unpack(item, index)
-            raw_type, body, meta = entry(message_type, data, metadata, index)
-            if key is not None:
-                key = check_key(key, _where(index))
-                keyed = True
-            args += (raw_type, body, meta)
-            keys.append(key)
-            size += len(body) + len(meta)
-            if len(args) >= limit or size >= PUBLISH_CHUNK_BYTES:
-                ids += await self._send_chunk(args, keys, keyed)
-                args = [head]
-                keys = []
-                keyed = False
-                size = 0
-        if len(args) > 1:
-            ids += await self._send_chunk(args, keys, keyed)
+        sender = _ChunkSender(self)
+        try:
+            for index, item in enumerate(iterator):
+                message_type, data, metadata, key = _unpack(item, index)
+                raw_type, body, meta = entry(message_type, data, metadata, index)
+                if key is not None:
+                    key = check_key(key, _where(index))
+                    keyed = True
+                args += (raw_type, body, meta)
+                keys.append(key)
+                size += len(body) + len(meta)
+                if len(args) >= limit or size >= PUBLISH_CHUNK_BYTES:
+                    ids += await sender.send(args, keys, keyed)
+                    args = [head]
+                    keys = []
+                    keyed = False
+                    size = 0
+            if len(args) > 1:
+                ids += await sender.send(args, keys, keyed)
+            ids += await sender.finish()
+        except BaseException:
+            # Chunks already sent are written (their ids are lost to the caller,
+            # as documented); wait for them rather than leave them unread.
+            await sender.abandon()
+            raise
         return ids
 
     async def _publish_many_keyed(
@@ -657,6 +672,78 @@ class Topic:
     def _denials(self, what: str) -> AbstractContextManager[None]:
         """A refused key, command or channel as :class:`AccessDeniedError`."""
         return denials_explained(f"{what} on stream {self.name!r}")
+
+
+class _ChunkSender:
+    """``publish_many``'s chunks in order: the first as one awaited script
+    call (which also loads the script), the next ones on one connection, each
+    sent while the server still runs the one before (see
+    ``_redis.PackedStream``); keyed (idempotent) chunks as before, after
+    everything sent ahead of them came back. A plain client only: a cluster
+    client sends every chunk as the first."""
+
+    __slots__ = ("_first", "_flight", "_stream", "_topic")
+
+    def __init__(self, topic: Topic) -> None:
+        self._topic = topic
+        self._first = True
+        self._stream: PackedStream | None = None
+        #: the arguments of the chunks sent on the stream, not yet answered.
+        self._flight: deque[list[Any]] = deque()
+
+    async def send(self, args: list[Any], keys: list[str | None], keyed: bool) -> list[str]:
+        topic = self._topic
+        if keyed or self._first or isinstance(topic.redis, RedisCluster):
+            ids = await self.finish()
+            ids += await topic._send_chunk(args, keys, keyed)
+            self._first = self._first and keyed
+            return ids
+        stream = self._stream
+        if stream is None:
+            stream = self._stream = await PackedStream.open(topic.redis, "EVALSHA")
+            if stream is None:
+                return await topic._send_chunk(args, keys, keyed)
+        script = topic._publish_script
+        assert script is not None  # loaded by the first chunk
+        self._flight.append(args)
+        with topic._denials("publish_many"):
+            replies = await stream.send(("EVALSHA", script.sha, 1, topic.name, *args))
+        return await self._ids(replies)
+
+    async def finish(self) -> list[str]:
+        """Every reply still to come, as ids."""
+        stream = self._stream
+        if stream is None:
+            return []
+        self._stream = None
+        try:
+            with self._topic._denials("publish_many"):
+                replies = await stream.drain()
+        finally:
+            await stream.close()
+        return await self._ids(replies)
+
+    async def abandon(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
+                await stream.drain()
+            await stream.close()
+
+    async def _ids(self, replies: list[Any]) -> list[str]:
+        ids: list[str] = []
+        for reply in replies:
+            args = self._flight.popleft()
+            if isinstance(reply, NoScriptError):
+                # The server lost its scripts (a restart) while chunks were on
+                # their way: none ran since. Send this one as a first one.
+                ids += await self._topic._send(args)
+                continue
+            if isinstance(reply, Exception):
+                with self._topic._denials("publish_many"):
+                    raise reply
+            ids += [as_str(entry_id) for entry_id in reply]
+        return ids
 
 
 def _where(index: int) -> str:
