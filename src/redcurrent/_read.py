@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+
 from ._ack import Acker
 from ._claim import recover_own_pending
 from ._inflight import InFlight, Submit
 from ._member import GroupMember
-from ._redis import entries_of, packed_pipeline, raw_reply_client
+from ._redis import entries_of, node_of, packed_pipeline, raw_reply_client
 
 __all__ = ["Reader"]
 
@@ -47,6 +49,8 @@ class Reader:
         self._args_head = ("XREADGROUP", "GROUP", group, name, "COUNT")
         self._args_tail = ("BLOCK", max(1, int(block * 1000)), "STREAMS", stream, ">")
         self._ack_head = ("XACK", stream, group)
+        self._stream = member.stream
+        self._cluster = isinstance(member.redis, RedisCluster)
         # Acks ahead of a read: hundreds of ids, packed by hiredis (see
         # packed_pipeline); replies raw, as from ``self._redis``.
         self._with_acks = packed_pipeline(self._redis)
@@ -96,8 +100,14 @@ class Reader:
             if ids:
                 await self._redis.execute_command(*self._ack_head, *ids)
             return None
-        if not ids:
-            return await self._redis.execute_command(*self._args_head, n, *self._args_tail)
+        if not ids or self._cluster:
+            if ids:
+                # A cluster pipeline would look XREADGROUP's key up on the
+                # server (COMMAND GETKEYS): the acks go on their own.
+                await self._redis.execute_command(*self._ack_head, *ids)
+            return await self._redis.execute_command(
+                *self._args_head, n, *self._args_tail, **node_of(self._redis, self._stream)
+            )
         replies = await self._with_acks(
             (*self._ack_head, *ids), (*self._args_head, n, *self._args_tail)
         )

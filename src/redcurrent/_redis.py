@@ -335,3 +335,18 @@ class PackedStream:
             self._waiting = 0
             await conn.disconnect()
         await self._pool.release(conn)
+
+
+def node_of(client: AnyRedis, key: str) -> dict[str, Any]:
+    """``target_nodes=`` for a command on ``key`` through a cluster client, or
+    nothing. For commands whose keys redis-py cannot find by itself (XREADGROUP
+    takes its stream after ``STREAMS``): without it, redis-py 8.1 asks the
+    server (``COMMAND GETKEYS``) twice per call, which doubled an idle
+    consumer's commands. A MOVED reply still redirects as usual."""
+    if not isinstance(client, RedisCluster):
+        return {}
+    try:
+        node = client.get_node_from_key(key)
+    except Exception:  # the slot table is not loaded yet: let redis-py find it
+        return {}
+    return {} if node is None else {"target_nodes": node}
