@@ -1,0 +1,620 @@
+"""Cluster scaling: one topic's partitions over 1 shard, then over 3 CPU-capped shards.
+
+Usage::
+
+    python benchmarks/cluster.py [--quick] [--cap 0.25] [--partitions 12] [--messages N]
+                                 [--producers P] [--consumers K] [--period-us 100000]
+                                 [--shards 1,3] [--only raw,redcurrent,idle] [--json PATH]
+
+On a two-core machine an uncapped 3-shard cluster is slower than one shard: servers and
+clients share the same cores. So each ``redis-server`` runs in a cgroup of its own capped
+to ``--cap`` of a core (cgroup v1 ``cpu.cfs_quota_us``, or v2 ``cpu.max``); the servers
+then behave like separate small machines and the client processes get the rest. Where no
+writable cpu controller exists the script prints a ``SKIP`` line and exits 0
+(``--cap 0`` runs uncapped instead).
+
+For each cluster size (``--shards``, default 1 then 3), on a fresh cluster:
+
+* **raw publish**: ``P`` processes pipeline pre-encoded ``XADD`` s over the ``N``
+  partition streams (keys spread evenly over the slots, so over the shards), one batch in
+  flight per node per process; replies parsed with hiredis. The client is made as cheap
+  as possible on purpose: this row measures the servers.
+* **raw consume**: ``K`` processes, one asyncio read loop per partition stream
+  (``XREADGROUP COUNT 500`` + one ``XACK`` per batch, ``data`` decoded with msgspec, as
+  in ``bench_consumer``'s raw loop) drain what the publish row wrote.
+* **redcurrent** (once the partitioned ``Topic`` exists): ``Topic(cluster, name,
+  partitions=N).publish_many`` with keys, then ``K`` :class:`redcurrent.StreamConsumer`
+  processes, each with its own ``RedisCluster`` client, drain it.
+* **idle**: the ``K`` consumers of the previous row on an empty topic; commands per second
+  per consumer from ``INFO commandstats`` over a quiet window (``INFO`` itself excluded).
+
+Each row reports: messages/s, per-shard commands and ``usec`` from ``INFO
+commandstats`` (balance = max/mean of the per-shard calls), server CPU per message
+(``used_cpu_sys + used_cpu_user`` delta over all shards / messages), the cgroups'
+throttling, and the client processes' own CPU time (``getrusage`` in each process over the
+measured window). Then T3/T1 and the efficiency T3/(3*T1), the caps and ``uptime``.
+Results go to ``results/cluster-latest.json`` and ``results/cluster-latest.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import msgspec
+from _cluster_harness import BenchCluster, CpuCgroups, snapshot_delta, spread_keys
+from _common import PAYLOAD, RESULTS_DIR, TYPE
+
+GROUP = "bench"
+RAW_COUNT = 500
+#: Commands a consumer sends per message in a healthy steady state are what is measured;
+#: these are the benchmark's own probes, left out of the idle figure.
+PROBE_COMMANDS = {"info", "cluster|info", "cluster|slots", "cluster|shards", "cluster|nodes"}
+
+_ctx = mp.get_context("spawn")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def uptime() -> str:
+    try:
+        load = os.getloadavg()
+    except OSError:
+        return "?"
+    return f"load average {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}"
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _pack(*args: str | bytes) -> bytes:
+    """One RESP command."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        raw = arg.encode() if isinstance(arg, str) else arg
+        parts.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(parts)
+
+
+class Run:
+    """Spawned worker processes: each calls ``ready``, waits for ``go``, works, and puts
+    ``{"t1": monotonic at finish, "cpu_s": own CPU over the work, ...}`` on ``out``."""
+
+    def __init__(self, target: Callable[..., None], specs: Sequence[dict[str, Any]]) -> None:
+        self.ready = _ctx.Barrier(len(specs) + 1)
+        self.go = _ctx.Event()
+        self.stop = _ctx.Event()
+        self.out: Any = _ctx.Queue()
+        self.procs = [
+            _ctx.Process(target=target, args=(spec, self.ready, self.go, self.stop, self.out))
+            for spec in specs
+        ]
+
+    def start(self, timeout: float = 120.0) -> None:
+        for proc in self.procs:
+            proc.start()
+        self.ready.wait(timeout)
+
+    def release(self) -> float:
+        t0 = time.monotonic()
+        self.go.set()
+        return t0
+
+    def results(self, timeout: float) -> list[dict[str, Any]]:
+        got = [self.out.get(timeout=timeout) for _ in self.procs]
+        for item in got:
+            if "error" in item:
+                raise RuntimeError(f"a worker failed: {item['error']}")
+        return got
+
+    def close(self) -> None:
+        self.stop.set()
+        for proc in self.procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+def _report(out: Any, fn: Callable[[], dict[str, Any]]) -> None:
+    try:
+        out.put(fn())
+    except BaseException as exc:  # handed to the parent, then re-raised
+        out.put({"error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+# --------------------------------------------------------------------------- raw workers
+
+
+def raw_producer(spec: dict[str, Any], ready: Any, go: Any, stop: Any, out: Any) -> None:
+    """Pipelined XADDs: every node has its own pipeline of ``depth`` pre-encoded batches
+    in flight, refilled as soon as one batch's replies are in (a throttled node never
+    holds up the others)."""
+    import selectors
+
+    import hiredis
+
+    def work() -> dict[str, Any]:
+        data = msgspec.json.encode(PAYLOAD)
+        sel = selectors.DefaultSelector()
+        state: dict[socket.socket, dict[str, Any]] = {}
+        for port, streams in spec["nodes"]:
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            one = [
+                _pack("XADD", s, "*", "type", TYPE, "data", data, "metadata", b"{}")
+                for s in streams
+            ]
+            state[sock] = {
+                "batch": b"".join(one * spec["per_stream"]),
+                "n": len(one) * spec["per_stream"],
+                "to_send": spec["rounds"],
+                "replies_due": 0,
+                "reader": hiredis.Reader(),
+            }
+            sel.register(sock, selectors.EVENT_READ)
+        ready.wait()
+        go.wait()
+        c0 = cpu_seconds()
+        done = 0
+        for sock, st in state.items():
+            for _ in range(min(spec["depth"], st["to_send"])):
+                sock.sendall(st["batch"])
+                st["to_send"] -= 1
+                st["replies_due"] += st["n"]
+        while any(st["replies_due"] for st in state.values()):
+            for key, _mask in sel.select():
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                st = state[sock]
+                chunk = sock.recv(1 << 17)
+                if not chunk:
+                    raise ConnectionError("server closed the connection")
+                reader = st["reader"]
+                reader.feed(chunk)
+                got = 0
+                while (reply := reader.gets()) is not False:
+                    if isinstance(reply, hiredis.ReplyError):
+                        raise RuntimeError(f"XADD failed: {reply}")
+                    got += 1
+                st["replies_due"] -= got
+                done += got
+                # Keep the pipeline full: one new batch per batch answered.
+                while st["to_send"] and st["replies_due"] <= (spec["depth"] - 1) * st["n"]:
+                    sock.sendall(st["batch"])
+                    st["to_send"] -= 1
+                    st["replies_due"] += st["n"]
+        t1 = time.monotonic()
+        for sock in state:
+            sock.close()
+        return {"t1": t1, "cpu_s": cpu_seconds() - c0, "messages": done}
+
+    _report(out, work)
+
+
+def raw_consumer(spec: dict[str, Any], ready: Any, go: Any, stop: Any, out: Any) -> None:
+    """One XREADGROUP + XACK loop per owned partition stream, direct to its node."""
+    import redis.asyncio
+
+    decode = msgspec.json.decode
+
+    async def handler(payload: Any) -> None:
+        return None
+
+    async def loop(r: Any, stream: str, expected: int, name: str) -> int:
+        done = 0
+        while done < expected or expected < 0:
+            if stop.is_set():
+                break
+            reply = await r.xreadgroup(
+                GROUP, name, {stream: ">"}, count=RAW_COUNT, block=spec.get("block_ms", 1000)
+            )
+            if not reply:
+                continue
+            entries = reply[0][1]
+            for _id, fields in entries:
+                await handler(decode(fields[b"data"]))
+            await r.xack(stream, GROUP, *[e[0] for e in entries])
+            done += len(entries)
+        return done
+
+    async def main() -> dict[str, Any]:
+        clients = {
+            port: redis.asyncio.Redis(port=port, socket_timeout=30) for port in spec["ports"]
+        }
+        try:
+            for r in clients.values():
+                await r.ping()
+            ready.wait()
+            go.wait()
+            c0 = cpu_seconds()
+            tasks = [
+                loop(clients[port], stream, expected, spec["name"])
+                for port, stream, expected in spec["streams"]
+            ]
+            if spec.get("idle"):
+                # Idle: block until told to stop (the parent counts the commands).
+                running = [asyncio.ensure_future(t) for t in tasks]
+                await asyncio.to_thread(stop.wait)
+                for t in running:
+                    t.cancel()
+                await asyncio.gather(*running, return_exceptions=True)
+                counts = [0]
+            else:
+                counts = await asyncio.gather(*tasks)
+            t1 = time.monotonic()
+            return {"t1": t1, "cpu_s": cpu_seconds() - c0, "messages": sum(counts)}
+        finally:
+            for r in clients.values():
+                await r.aclose()
+
+    _report(out, lambda: asyncio.run(main()))
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def summarise(
+    label: str,
+    shards: int,
+    messages: int,
+    seconds: float,
+    delta: list[dict[str, Any]],
+    client_cpu: float,
+    commands: Sequence[str],
+) -> dict[str, Any]:
+    per_shard = [sum(d["commands"].get(c, {}).get("calls", 0) for c in commands) for d in delta]
+    usec = [sum(d["commands"].get(c, {}).get("usec", 0) for c in commands) for d in delta]
+    mean = sum(per_shard) / len(per_shard) if per_shard else 0
+    server_cpu = sum(d["cpu_s"] for d in delta)
+    return {
+        "row": label,
+        "shards": shards,
+        "messages": messages,
+        "seconds": seconds,
+        "rate": messages / seconds if seconds else 0.0,
+        "commands": list(commands),
+        "per_shard_calls": per_shard,
+        "per_shard_usec": usec,
+        "balance": max(per_shard) / mean if mean else float("nan"),
+        "spread": [c / mean - 1 for c in per_shard] if mean else [],
+        "server_cpu_s": server_cpu,
+        "server_cpu_per_shard_s": [d["cpu_s"] for d in delta],
+        "server_us_per_msg": server_cpu / messages * 1e6 if messages else float("nan"),
+        "client_cpu_s": client_cpu,
+        "client_cores": client_cpu / seconds if seconds else 0.0,
+        "client_us_per_msg": client_cpu / messages * 1e6 if messages else float("nan"),
+        "throttled": [d["throttling"] for d in delta],
+        "uptime": uptime(),
+    }
+
+
+def timed(
+    cluster: BenchCluster, run: Run, timeout: float
+) -> tuple[float, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Release the workers, wait for them; (seconds, results, per-shard delta)."""
+    before = cluster.snapshot()
+    t0 = run.release()
+    results = run.results(timeout)
+    seconds = max(r["t1"] for r in results) - t0
+    delta = snapshot_delta(before, cluster.snapshot())
+    return seconds, results, delta
+
+
+def raw_rows(
+    cluster: BenchCluster, streams: list[str], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    shards = len(cluster.shards)
+    by_node: dict[int, list[str]] = {}
+    for s in streams:
+        by_node.setdefault(cluster.shard_of(s).port, []).append(s)
+    for s in streams:
+        with cluster.client(cluster.shard_of(s).port) as c:
+            c.delete(s)
+            c.xgroup_create(s, GROUP, id="0", mkstream=True)
+    # Per round a producer writes per_stream entries to every stream.
+    per_stream = max(1, args.batch * shards // len(streams))
+    rounds = max(1, args.messages // (per_stream * len(streams) * args.producers))
+    specs = [
+        {
+            "nodes": sorted(by_node.items()),
+            "per_stream": per_stream,
+            "rounds": rounds,
+            "depth": args.depth,
+        }
+        for _ in range(args.producers)
+    ]
+    rows = []
+    run = Run(raw_producer, specs)
+    try:
+        run.start()
+        seconds, results, delta = timed(cluster, run, timeout=600)
+    finally:
+        run.close()
+    total = sum(r["messages"] for r in results)
+    row = summarise(
+        "raw publish (XADD)",
+        shards,
+        total,
+        seconds,
+        delta,
+        sum(r["cpu_s"] for r in results),
+        ["xadd"],
+    )
+    row["processes"] = args.producers
+    rows.append(row)
+
+    lengths = {}
+    for s in streams:
+        with cluster.client(cluster.shard_of(s).port) as c:
+            lengths[s] = int(c.xlen(s))
+    assert sum(lengths.values()) == total, (lengths, total)
+    k = min(args.consumers, len(streams))
+    specs = [
+        {
+            "name": f"c{i}",
+            "ports": sorted({cluster.shard_of(s).port for s in streams[i::k]}),
+            "streams": [(cluster.shard_of(s).port, s, lengths[s]) for s in streams[i::k]],
+        }
+        for i in range(k)
+    ]
+    run = Run(raw_consumer, specs)
+    try:
+        run.start()
+        seconds, results, delta = timed(cluster, run, timeout=600)
+    finally:
+        run.close()
+    consumed = sum(r["messages"] for r in results)
+    row = summarise(
+        "raw consume (XREADGROUP+XACK)",
+        shards,
+        consumed,
+        seconds,
+        delta,
+        sum(r["cpu_s"] for r in results),
+        ["xreadgroup", "xack"],
+    )
+    row["processes"] = k
+    for s in streams:
+        with cluster.client(cluster.shard_of(s).port) as c:
+            pending = int(c.xpending(s, GROUP)["pending"])
+        assert pending == 0, f"{s}: {pending} left pending"
+    rows.append(row)
+
+    if "idle" in args.only:
+        rows.append(raw_idle(cluster, streams, k, args))
+    return rows
+
+
+def raw_idle(
+    cluster: BenchCluster, streams: list[str], k: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    specs = [
+        {
+            "name": f"idle{i}",
+            "idle": True,
+            "block_ms": 4000,
+            "ports": sorted({cluster.shard_of(s).port for s in streams[i::k]}),
+            "streams": [(cluster.shard_of(s).port, s, -1) for s in streams[i::k]],
+        }
+        for i in range(k)
+    ]
+    run = Run(raw_consumer, specs)
+    try:
+        run.start()
+        run.release()
+        return idle_window(cluster, run, k, args, "raw idle (XREADGROUP BLOCK 4000)")
+    finally:
+        run.close()
+
+
+def idle_window(
+    cluster: BenchCluster, run: Run, k: int, args: argparse.Namespace, label: str
+) -> dict[str, Any]:
+    time.sleep(args.settle)
+    before = cluster.snapshot()
+    t0 = time.monotonic()
+    time.sleep(args.idle_window)
+    after = cluster.snapshot()
+    seconds = time.monotonic() - t0
+    run.stop.set()
+    results = run.results(timeout=60)
+    delta = snapshot_delta(before, after)
+    per_shard = [
+        sum(v["calls"] for name, v in d["commands"].items() if name not in PROBE_COMMANDS)
+        for d in delta
+    ]
+    by_command: dict[str, int] = {}
+    for d in delta:
+        for name, v in d["commands"].items():
+            if name not in PROBE_COMMANDS:
+                by_command[name] = by_command.get(name, 0) + v["calls"]
+    total = sum(per_shard)
+    return {
+        "row": label,
+        "shards": len(cluster.shards),
+        "consumers": k,
+        "seconds": seconds,
+        "commands": total,
+        "by_command": by_command,
+        "per_shard_calls": per_shard,
+        "commands_per_s_per_consumer": total / seconds / k,
+        "server_cpu_s": sum(d["cpu_s"] for d in delta),
+        "client_cpu_s": sum(r["cpu_s"] for r in results),
+        "uptime": uptime(),
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def scale_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    names = sorted({r["row"] for r in rows if "rate" in r})
+    for name in names:
+        by = {r["shards"]: r for r in rows if r["row"] == name}
+        if 1 in by and len(by) > 1:
+            top = max(by)
+            t1, tn = by[1]["rate"], by[top]["rate"]
+            lines.append(
+                f"- {name}: T{top}/T1 = {tn / t1:.2f}x, efficiency T{top}/({top}*T1) = "
+                f"{tn / (top * t1):.2f}; server CPU/msg {by[1]['server_us_per_msg']:.2f} -> "
+                f"{by[top]['server_us_per_msg']:.2f} us"
+            )
+    return lines
+
+
+def render(report: dict[str, Any]) -> str:
+    out = [
+        "# Cluster scaling",
+        "",
+        f"- command: `{report['command']}`",
+        f"- caps: {report['caps']}",
+        f"- server: {report['server']}; machine: {report['machine']}",
+        "",
+        "| row | shards | procs | msgs | msg/s | per-shard calls | balance max/mean | "
+        "server us/msg | throttled s/shard | client CPU s (cores) | client us/msg | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        if "rate" not in r:
+            continue
+        throttled = ", ".join(f"{t.get('throttled_s', 0):.1f}" for t in r["throttled"]) or "-"
+        out.append(
+            f"| {r['row']} | {r['shards']} | {r.get('processes', '')} | {r['messages']} | "
+            f"{r['rate']:,.0f} | {', '.join(str(c) for c in r['per_shard_calls'])} | "
+            f"{r['balance']:.3f} | {r['server_us_per_msg']:.2f} | {throttled} | "
+            f"{r['client_cpu_s']:.1f} ({r['client_cores']:.2f}) | "
+            f"{r['client_us_per_msg']:.2f} | {r['uptime']} |"
+        )
+    idle = [r for r in report["rows"] if "commands_per_s_per_consumer" in r]
+    if idle:
+        out += [
+            "",
+            "| idle row | shards | consumers | window s | commands | cmd/s per consumer | "
+            "by command | load |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in idle:
+            out.append(
+                f"| {r['row']} | {r['shards']} | {r['consumers']} | {r['seconds']:.1f} | "
+                f"{r['commands']} | {r['commands_per_s_per_consumer']:.2f} | "
+                f"{json.dumps(r['by_command'])} | {r['uptime']} |"
+            )
+    out += ["", "Scaling:", *scale_lines(report["rows"])]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small run (CI smoke)")
+    p.add_argument("--cap", type=float, default=0.25, help="cores per redis-server (0: none)")
+    p.add_argument("--period-us", type=int, default=100_000, help="CFS period")
+    p.add_argument("--partitions", type=int, default=12)
+    p.add_argument("--messages", type=int, default=None)
+    p.add_argument("--producers", type=int, default=3)
+    p.add_argument("--consumers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=500, help="XADDs per node per round")
+    p.add_argument("--depth", type=int, default=2, help="XADD batches in flight per node")
+    p.add_argument("--shards", default="1,3")
+    p.add_argument("--only", default="raw,redcurrent,idle")
+    p.add_argument("--settle", type=float, default=None, help="idle: seconds before counting")
+    p.add_argument("--idle-window", type=float, default=None, help="idle: seconds counted")
+    p.add_argument("--server", default=None, help="redis-server binary")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.messages is None:
+        args.messages = 60_000 if args.quick else 600_000
+    if args.settle is None:
+        args.settle = 1.0 if args.quick else 2.0
+    if args.idle_window is None:
+        args.idle_window = 3.0 if args.quick else 10.0
+    args.only = set(args.only.split(","))
+    args.shard_counts = [int(x) for x in args.shards.split(",")]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cgroups = None
+    if args.cap > 0:
+        cgroups, why = CpuCgroups.detect()
+        if cgroups is None:
+            print(f"SKIP cluster benchmark: cannot cap redis-server CPU here ({why})")
+            return 0
+        caps = (
+            f"{args.cap} core per redis-server (quota {round(args.cap * args.period_us)} us / "
+            f"period {args.period_us} us, {cgroups.describe()})"
+        )
+    else:
+        caps = "none (uncapped)"
+    from redcurrent.testing import find_redis_server
+
+    binary = args.server or find_redis_server()
+    print(f"caps: {caps}; {uptime()}", flush=True)
+    streams = spread_keys("bench", args.partitions)
+    rows: list[dict[str, Any]] = []
+    try:
+        for shards in args.shard_counts:
+            with BenchCluster(
+                binary, shards, cgroups=cgroups, cap=args.cap, period_us=args.period_us
+            ) as cluster:
+                if "raw" in args.only:
+                    for row in raw_rows(cluster, streams, args):
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+    finally:
+        if cgroups is not None:
+            cgroups.remove_all()
+    version = "?"
+    with contextlib.suppress(Exception):
+        import subprocess
+
+        version = subprocess.run(
+            [binary or "redis-server", "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    report = {
+        "command": " ".join(["python", "benchmarks/cluster.py", *(argv or sys.argv[1:])]),
+        "caps": caps,
+        "cap": args.cap,
+        "period_us": args.period_us,
+        "partitions": args.partitions,
+        "server": version,
+        "machine": (
+            f"{platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}"
+        ),
+        "rows": rows,
+    }
+    text = render(report)
+    print(text)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    stem = "cluster-quick" if args.quick else "cluster-latest"
+    (args.json or RESULTS_DIR / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS_DIR / f"{stem}.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
