@@ -22,6 +22,7 @@ __all__ = [
     "EMPTY_OBJECT",
     "ENCODE_FAILURES",
     "FIELD_DATA",
+    "FIELD_KEY",
     "FIELD_METADATA",
     "FIELD_TYPE",
     "PayloadDecoder",
@@ -39,6 +40,9 @@ __all__ = [
 FIELD_TYPE: Final = b"type"
 FIELD_DATA: Final = b"data"
 FIELD_METADATA: Final = b"metadata"
+#: The message key (``publish(key=...)``): per-key order, and the partition a
+#: dead letter's replay returns to. Absent from unkeyed entries.
+FIELD_KEY: Final = b"key"
 EMPTY_OBJECT: Final = b"{}"
 _NULL: Final = b"null"
 
@@ -205,14 +209,18 @@ def decode_message(
     decoder: PayloadDecoder,
     delivery_count: int = 1,
     message_type: str | None = None,
+    partition: int | None = None,
 ) -> Message[Any]:
     """Turn a raw entry into a :class:`Message`, or raise :class:`DecodeError`."""
     if message_type is None:
         message_type = decode_type(entry_id, fields)
     metadata = decode_metadata(entry_id, fields.get(FIELD_METADATA))
     data = decoder.decode(entry_id, fields.get(FIELD_DATA))
+    raw_key = fields.get(FIELD_KEY)
     return Message(
-        id=entry_id,
+        id=entry_id if partition is None else f"{partition}:{entry_id}",
+        key=None if raw_key is None else raw_key.decode(errors="replace"),
+        partition=partition,
         type=message_type,
         data=data,
         metadata=metadata,

@@ -93,6 +93,9 @@ class TopicKeys:
         "control_channel",
         "dead_letters",
         "idempotency_epoch",
+        "members",
+        "meta",
+        "owners",
         "scheduled",
         "scheduled_data",
         "stopped",
@@ -120,6 +123,14 @@ class TopicKeys:
     """The sorted set of scheduled messages: schedule id -> due time (ms)."""
     scheduled_data: str
     """The hash of scheduled messages' fields: schedule id -> msgpack array."""
+    meta: str
+    """The hash of a partitioned topic's layout (see ``_partitions``)."""
+    members: str
+    """The sorted set of a partitioned topic's live consumers, every group's,
+    scored by expiry (see ``_membership``)."""
+    owners: str
+    """The hash of which consumer of each group reads this stream when it is
+    one partition of a partitioned topic: group -> holder."""
     workers: str
     """The hash of worker consumer names in use (see ``_names``): group and
     name -> holder and expiry."""
@@ -136,6 +147,9 @@ class TopicKeys:
         self.idempotency_epoch = f"{base}:idempotency-epoch"
         self.scheduled_data = f"{base}:scheduled-data"
         self.workers = f"{base}:workers"
+        self.meta = f"{base}:meta"
+        self.members = f"{base}:members"
+        self.owners = f"{base}:owners"
 
     def owned(self) -> tuple[str, ...]:
         """Every key (not channel) the library may create for this topic, stream first."""
@@ -148,6 +162,9 @@ class TopicKeys:
             self.scheduled_data,
             self.idempotency_epoch,
             self.workers,
+            self.owners,
+            self.members,
+            self.meta,
         )
 
     def idempotency(self, key: str) -> str:

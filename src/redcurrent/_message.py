@@ -18,6 +18,7 @@ __all__ = [
     "DeadLetter",
     "GroupInfo",
     "Message",
+    "PartitionInfo",
     "StartFrom",
     "StopReason",
     "TopicInfo",
@@ -41,6 +42,12 @@ class Message(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
     metadata: dict[str, str]
     stream: str
     delivery_count: int = 1
+    key: str | None = None
+    """The message key it was published with (``publish(key=...)``), if any:
+    messages of one key are handled one at a time, in the order published."""
+    partition: int | None = None
+    """The partition of a partitioned topic it was read from (then ``id`` is
+    ``"<partition>:<entry id>"``); None for an unpartitioned topic."""
 
 
 class StartFrom(str, enum.Enum):
@@ -142,6 +149,21 @@ class GroupInfo(msgspec.Struct, frozen=True, kw_only=True):
     last_delivered_id: str
 
 
+class PartitionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One partition of a partitioned topic, as :meth:`Topic.info` reads it."""
+
+    partition: int
+    stream: str
+    node: str | None
+    """``host:port`` of the cluster node serving it (None on a single server)."""
+    length: int
+    owners: dict[str, str]
+    """Group -> the consumer reading this partition for it."""
+    groups: list[GroupInfo]
+    stopped: int
+    dead_letters: int
+
+
 class TopicInfo(msgspec.Struct, frozen=True, kw_only=True):
     """The state of a topic, as :meth:`Topic.info` reads it."""
 
@@ -153,6 +175,9 @@ class TopicInfo(msgspec.Struct, frozen=True, kw_only=True):
     dead_letters: int
     scheduled: int = 0
     """Messages scheduled with ``delay``/``at`` still waiting to enter the stream."""
+    partitions: list[PartitionInfo] = []
+    """One row per partition of a partitioned topic (empty for a plain one);
+    the fields above then sum or merge them, with ids as ``"<p>:<id>"``."""
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -176,3 +201,6 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     failed_at: float
     """Unix time in seconds."""
     fields: dict[bytes, bytes]
+    partition: int | None = None
+    """The partition it came from, on a partitioned topic (then ``id`` and
+    ``original_id`` are ``"<p>:<id>"``)."""

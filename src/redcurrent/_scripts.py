@@ -19,6 +19,7 @@ __all__ = [
     "TERMINATE",
     "SET_DELIVERY_COUNTS",
     "PUBLISH_MANY",
+    "PUBLISH_MANY_KEYED",
     "PUBLISH_IDEMPOTENT",
     "DEAD_LETTER",
     "DEAD_LETTER_ESCAPE_PREFIX",
@@ -320,4 +321,36 @@ for _, args in ipairs(checks) do
   end
 end
 return 1
+"""
+
+
+# KEYS: stream. ARGV: MAXLEN ('' for none), then type, data, metadata, message
+# key ('' for none) per message. PUBLISH_MANY with the ``key`` field of keyed
+# messages (per-key order; see ``Message.key``).
+PUBLISH_MANY_KEYED: Final = """
+local key = KEYS[1]
+local ids = {}
+local n = 0
+for i = 2, #ARGV, 4 do
+  n = n + 1
+  local args = {key}
+  if ARGV[1] ~= '' then
+    args[#args + 1] = 'MAXLEN'
+    args[#args + 1] = '~'
+    args[#args + 1] = ARGV[1]
+  end
+  args[#args + 1] = '*'
+  args[#args + 1] = 'type'
+  args[#args + 1] = ARGV[i]
+  args[#args + 1] = 'data'
+  args[#args + 1] = ARGV[i + 1]
+  args[#args + 1] = 'metadata'
+  args[#args + 1] = ARGV[i + 2]
+  if ARGV[i + 3] ~= '' then
+    args[#args + 1] = 'key'
+    args[#args + 1] = ARGV[i + 3]
+  end
+  ids[n] = redis.call('XADD', unpack(args))
+end
+return ids
 """

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -17,8 +18,10 @@ from ._instrument import PUBLISH_OBSERVERS, PublishObservation
 from ._keys import TopicKeys, check_name
 from ._limits import DEFAULT_MAX_PAYLOAD_BYTES, FIELD_NAME_BYTES, check_limit
 from ._message import DeadLetter, TopicInfo
+from ._partitioned_topic import Partitioned, check_keys, check_message_key
+from ._partitions import LAYOUT_CACHE_SECONDS, check_partitions, load_layout
 from ._redis import AnyRedis, as_str, check_client
-from ._scripts import PUBLISH_MANY
+from ._scripts import PUBLISH_MANY, PUBLISH_MANY_KEYED
 from .errors import ConfigurationError, EncodeError, PayloadTooLargeError
 
 if TYPE_CHECKING:
@@ -61,6 +64,13 @@ class Topic:
     ``idempotency_window`` (seconds, 24 h) is how long a publish with an
     ``idempotency_key`` is remembered (see :meth:`publish`).
 
+    ``partitions`` spreads the topic over that many streams (a Redis Cluster
+    puts them on different shards; see "Partitioned topics" in the README).
+    The count is stored with the topic when it is first used and is fixed:
+    ``None`` (the default) takes the stored count, else 1; another count than
+    the stored one raises :class:`~redcurrent.PartitionCountError` on first
+    use. 1 is the plain single stream.
+
     Every method checks its arguments before touching Redis and answers a
     bad one with a :class:`~redcurrent.ConfigurationError` naming it (its
     subclasses :class:`~redcurrent.EncodeError` for data or metadata that
@@ -74,8 +84,12 @@ class Topic:
         *,
         max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES,
         idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW,
+        partitions: int | None = None,
     ) -> None:
         name = check_name(name, "a topic's stream name")
+        self._partitions = check_partitions(partitions)
+        #: (valid until, the partitions or None for a plain topic); None: unread.
+        self._layout: tuple[float, Partitioned | None] | None = None
         self._redis = check_client(redis, "Topic")
         self.name: str = name
         self.keys: TopicKeys = TopicKeys(name)
@@ -84,6 +98,42 @@ class Topic:
         window_ms = check_window(idempotency_window)
         self.idempotency_window: float = idempotency_window
         self._idempotent = IdempotentSender(self._redis, self.keys, window_ms)
+
+    def _partition(self, stream: str) -> Topic:
+        """One partition of this topic, as the plain topic it is."""
+        part = Topic(
+            self._redis,
+            stream,
+            max_payload_bytes=self.max_payload_bytes,
+            idempotency_window=self.idempotency_window,
+        )
+        part._layout = (float("inf"), None)
+        return part
+
+    async def _partitioned(self) -> Partitioned | None:
+        """The partitions, or None for a plain topic (read from Redis at most
+        every few seconds; see ``_partitions``)."""
+        memo = self._layout
+        if memo is not None and memo[0] > time.monotonic():
+            return memo[1]
+        with self._denials("reading the topic's layout"):
+            layout = await load_layout(self._redis, self.name, self._partitions)
+        current = memo[1] if memo is not None else None
+        if layout is None:
+            parted = None
+        elif current is not None and current.layout.streams == layout.streams:
+            parted = current  # keeps its round-robin position
+        else:
+            parted = Partitioned(self, layout)
+        self._layout = (time.monotonic() + LAYOUT_CACHE_SECONDS, parted)
+        return parted
+
+    async def partition_streams(self) -> list[str]:
+        """The stream of every partition, in order (``[name]`` for a plain
+        topic); creates the layout when the topic was opened with
+        ``partitions`` > 1 and none is stored yet."""
+        parted = await self._partitioned()
+        return [self.name] if parted is None else list(parted.layout.streams)
 
     @property
     def redis(self) -> AnyRedis:
@@ -127,10 +177,17 @@ class Topic:
         return raw_type, body, meta
 
     def _xadd_args(
-        self, message_type: str, data: Any, metadata: Mapping[str, str] | None, maxlen: int | None
+        self,
+        message_type: str,
+        data: Any,
+        metadata: Mapping[str, str] | None,
+        maxlen: int | None,
+        key: str | None = None,
     ) -> tuple[Any, ...]:
         raw_type, body, meta = self._entry(message_type, data, metadata)
-        fields = ("type", raw_type, "data", body, "metadata", meta)
+        fields: tuple[Any, ...] = ("type", raw_type, "data", body, "metadata", meta)
+        if key is not None:
+            fields += ("key", key)
         if maxlen is None:
             return ("XADD", self.name, "*", *fields)
         return ("XADD", self.name, "MAXLEN", "~", _check_maxlen(maxlen), "*", *fields)
@@ -141,12 +198,21 @@ class Topic:
         data: Any = None,
         metadata: Mapping[str, str] | None = None,
         *,
+        key: str | None = None,
         maxlen: int | None = None,
         idempotency_key: str | None = None,
         delay: float | None = None,
         at: datetime | float | None = None,
     ) -> str:
         """Append one message; returns its entry id.
+
+        ``key`` (a non-empty str) is the message key: consumers handle the
+        messages of one key one at a time, in the order published, and on a
+        partitioned topic it picks the partition (CRC-32 of the key modulo
+        the count; keyless messages go round-robin). There the id is
+        ``"<partition>:<entry id>"``. A key given with ``delay``, ``at`` or
+        ``idempotency_key`` only picks the partition: such entries do not
+        store it (no per-key order for them).
 
         With ``delay`` (seconds, counted on the Redis server's clock) or ``at``
         (an aware datetime or epoch seconds) the message is scheduled instead:
@@ -181,15 +247,43 @@ class Topic:
             observations = _observe(self.name, message_type, 1, scheduled)
             try:
                 metadata = _with_headers(metadata, observations)
-                entry_id = await self._publish(
-                    message_type, data, metadata, maxlen, idempotency_key, delay, at
+                entry_id = await self._routed_publish(
+                    message_type, data, metadata, maxlen, idempotency_key, delay, at, key
                 )
             except BaseException as exc:
                 _finish(observations, None, exc)
                 raise
             _finish(observations, [entry_id], None)
             return entry_id
-        return await self._publish(message_type, data, metadata, maxlen, idempotency_key, delay, at)
+        return await self._routed_publish(
+            message_type, data, metadata, maxlen, idempotency_key, delay, at, key
+        )
+
+    async def _routed_publish(
+        self,
+        message_type: str,
+        data: Any,
+        metadata: Mapping[str, str] | None,
+        maxlen: int | None,
+        idempotency_key: str | None,
+        delay: float | None,
+        at: datetime | float | None,
+        key: str | None,
+    ) -> str:
+        if key is not None:
+            check_message_key(key)
+        memo = self._layout
+        if memo is not None and memo[1] is None and memo[0] > time.monotonic():
+            parted = None  # the hot path of a plain topic: no await
+        else:
+            parted = await self._partitioned()
+        if parted is not None:
+            return await parted.publish(
+                message_type, data, metadata, key, maxlen, idempotency_key, delay, at
+            )
+        return await self._publish(
+            message_type, data, metadata, maxlen, idempotency_key, delay, at, key
+        )
 
     async def _publish(
         self,
@@ -200,6 +294,7 @@ class Topic:
         idempotency_key: str | None,
         delay: float | None,
         at: datetime | float | None,
+        key: str | None = None,
     ) -> str:
         if delay is not None or at is not None:
             when = _schedule.due_spec(delay, at)
@@ -213,7 +308,7 @@ class Topic:
             head = b"" if maxlen is None else str(_check_maxlen(maxlen)).encode()
             with self._denials("publish"):
                 return (await self._idempotent.send(head, entry, [key]))[0]
-        args = self._xadd_args(message_type, data, metadata, maxlen)
+        args = self._xadd_args(message_type, data, metadata, maxlen, key)
         with self._denials("XADD"):
             entry_id = await self._redis.execute_command(*args)
         return as_str(entry_id)
@@ -222,11 +317,17 @@ class Topic:
         self,
         items: Iterable[PublishItem],
         *,
+        keys: Sequence[str | None] | None = None,
         maxlen: int | None = None,
         delay: float | None = None,
         at: datetime | float | None = None,
     ) -> list[str]:
         """Append many messages in chunks; returns their ids in order.
+
+        ``keys`` gives each item its message key (or None), as ``key`` does
+        for :meth:`publish`: one per item. On a partitioned topic the items
+        are grouped by partition and the groups sent concurrently; the
+        chunk guarantees below then hold per partition.
 
         Items are ``(type, data)``, ``(type, data, metadata)`` or ``(type,
         data, metadata, idempotency_key)`` (the key may be None): a keyed item
@@ -248,9 +349,21 @@ class Topic:
         messages enter the stream in this order. Items then carry no
         idempotency key.
         """
+        memo = self._layout
+        if keys is not None or memo is None or memo[1] is not None or memo[0] <= time.monotonic():
+            listed = items if isinstance(items, list | tuple) else list(_iterate(items))
+            checked = check_keys(keys, listed)
+            parted = await self._partitioned()
+            if parted is not None:
+                if PUBLISH_OBSERVERS:
+                    return await self._observed_publish_many(
+                        listed, maxlen, delay, at, checked, parted
+                    )
+                return await parted.publish_many(listed, checked, maxlen, delay, at)
+            items, keys = listed, checked
         if PUBLISH_OBSERVERS:
-            return await self._observed_publish_many(items, maxlen, delay, at)
-        return await self._publish_many(items, maxlen, delay, at)
+            return await self._observed_publish_many(items, maxlen, delay, at, keys)
+        return await self._publish_many(items, maxlen, delay, at, keys)
 
     async def _observed_publish_many(
         self,
@@ -258,6 +371,8 @@ class Topic:
         maxlen: int | None,
         delay: float | None,
         at: datetime | float | None,
+        keys: Sequence[str | None] | None,
+        parted: Partitioned | None = None,
     ) -> list[str]:
         unpacked = [_unpack(item, index) for index, item in enumerate(_iterate(items))]
         types = {item[0] for item in unpacked}
@@ -268,7 +383,10 @@ class Topic:
             tagged: list[PublishItem] = [
                 (t, d, _with_headers(m, observations), k) for t, d, m, k in unpacked
             ]
-            ids = await self._publish_many(tagged, maxlen, delay, at)
+            if parted is not None:
+                ids = await parted.publish_many(tagged, keys, maxlen, delay, at)
+            else:
+                ids = await self._publish_many(tagged, maxlen, delay, at, keys)
         except BaseException as exc:
             _finish(observations, None, exc)
             raise
@@ -281,6 +399,7 @@ class Topic:
         maxlen: int | None,
         delay: float | None,
         at: datetime | float | None,
+        message_keys: Sequence[str | None] | None = None,
     ) -> list[str]:
         if delay is not None or at is not None:
             when = _schedule.due_spec(delay, at)
@@ -289,6 +408,8 @@ class Topic:
             with self._denials("publish_many (scheduled)"):
                 return await _schedule.schedule_entries(self._redis, self.keys, when, entries)
         head = b"" if maxlen is None else str(_check_maxlen(maxlen)).encode()
+        if message_keys is not None and any(k is not None for k in message_keys):
+            return await self._publish_many_keyed(items, head, message_keys)
         iterator = _iterate(items)
         ids: list[str] = []
         args: list[Any] = [head]
@@ -315,6 +436,42 @@ class Topic:
         if len(args) > 1:
             ids += await self._send_chunk(args, keys, keyed)
         return ids
+
+    async def _publish_many_keyed(
+        self, items: Iterable[PublishItem], head: bytes, message_keys: Sequence[str | None]
+    ) -> list[str]:
+        """``publish_many`` storing message keys: items with an idempotency key
+        go as :meth:`publish` would (their message key only routes them)."""
+        ids: list[str] = []
+        args: list[Any] = [head]
+        size = 0
+        limit = 1 + 4 * PUBLISH_CHUNK
+        for index, item in enumerate(_iterate(items)):
+            message_type, data, metadata, idem = _unpack(item, index)
+            if idem is not None:
+                ids += await self._send_keyed(args)
+                args, size = [head], 0
+                maxlen = None if not head else int(head)
+                ids.append(
+                    await self._publish(message_type, data, metadata, maxlen, idem, None, None)
+                )
+                continue
+            raw_type, body, meta = self._entry(message_type, data, metadata, index)
+            args += (raw_type, body, meta, message_keys[index] or b"")
+            size += len(body) + len(meta)
+            if len(args) >= limit or size >= PUBLISH_CHUNK_BYTES:
+                ids += await self._send_keyed(args)
+                args, size = [head], 0
+        ids += await self._send_keyed(args)
+        return ids
+
+    async def _send_keyed(self, args: list[Any]) -> list[str]:
+        if len(args) <= 1:
+            return []
+        script = self._redis.register_script(PUBLISH_MANY_KEYED)
+        with self._denials("publish_many"):
+            reply: list[bytes | str] = await script(keys=[self.name], args=args)
+        return [as_str(entry_id) for entry_id in reply]
 
     def _scheduled_entries(self, items: Iterable[Any]) -> Iterator[tuple[bytes, bytes, bytes]]:
         """``publish_many`` items checked and encoded one by one, for scheduling
@@ -349,13 +506,19 @@ class Topic:
         """Cancel a message scheduled with ``delay``/``at``: True if it was still
         waiting (it will not be delivered), False if it was moved into the
         stream already, cancelled before, or never existed."""
+        parted = await self._partitioned()
+        if parted is not None:
+            return await parted.cancel_scheduled(schedule_id)
         with self._denials("cancel_scheduled"):
             return await _schedule.cancel(self._redis, self.keys, schedule_id)
 
     # -- administration -------------------------------------------------
     async def info(self) -> TopicInfo:
         """Length, ends, groups with pending and lag, stopped ids, dead letters."""
+        parted = await self._partitioned()
         with self._denials("info"):
+            if parted is not None:
+                return await parted.info()
             return await _info.topic_info(self._redis, self.keys)
 
     async def stop_message(self, message_id: str) -> None:
@@ -368,6 +531,10 @@ class Topic:
         such an entry arrives, and cleanup drops it once the stream has
         passed it. Stopping a stopped id again changes nothing.
         """
+        parted = await self._partitioned()
+        if parted is not None:
+            await parted.stop_message(message_id)
+            return
         with self._denials("stop_message"):
             await _control.stop_message(self._redis, self.keys, message_id)
 
@@ -379,12 +546,24 @@ class Topic:
         stream) is a no-op, not an error, so a resume can be retried safely;
         :meth:`info` lists the stopped ids.
         """
+        parted = await self._partitioned()
+        if parted is not None:
+            await parted.resume_message(message_id)
+            return
         with self._denials("resume_message"):
             await _control.resume_message(self._redis, self.keys, message_id)
 
     async def terminate(self) -> None:
-        """Delete the stream, its groups and every key of the topic; stop consumers."""
+        """Delete the stream, its groups and every key of the topic; stop consumers.
+
+        A partitioned topic is terminated partition by partition, its layout
+        last: a terminate interrupted halfway is finished by running it again."""
+        parted = await self._partitioned()
+        self._layout = None
         with self._denials("terminate"):
+            if parted is not None:
+                await parted.terminate()
+                return
             await _control.terminate(self._redis, self.keys)
 
     async def cleanup(
@@ -402,6 +581,9 @@ class Topic:
         ``policy.batch_size`` entries) with the entries it removed, for a
         progress display; it must not block.
         """
+        parted = await self._partitioned()
+        if parted is not None:
+            return await parted.cleanup(policy, on_progress)
         with self._denials("cleanup"):
             return await _cleanup.cleanup(self._redis, self.keys, policy, on_progress=on_progress)
 
@@ -413,6 +595,9 @@ class Topic:
         malformed one raises :class:`ConfigurationError`.
         """
         _check_count(count, "dead_letters count")
+        parted = await self._partitioned()
+        if parted is not None:
+            return [] if count == 0 else await parted.dead_letters(count, start)
         start = _check_start(start)
         if count == 0:
             return []
@@ -435,9 +620,14 @@ class Topic:
                     "replay_dead_letters ids must be an iterable of dead-letter ids "
                     f"(e.g. a list), got {_short(ids)}"
                 )
-            ids = [normalize_id(entry_id) for entry_id in ids]
+            ids = list(ids)
         elif count == 0:
             return []
+        parted = await self._partitioned()
+        if parted is not None:
+            return await parted.replay_dead_letters(ids, count)
+        if ids is not None:
+            ids = [normalize_id(entry_id) for entry_id in ids]
         with self._denials("replay_dead_letters"):
             return await _dead.replay_dead_letters(self._redis, self.keys, ids, count=count)
 
@@ -453,6 +643,9 @@ class Topic:
                 "delete_dead_letters ids must be an iterable of dead-letter ids "
                 f"(e.g. a list), got {_short(ids)}"
             )
+        parted = await self._partitioned()
+        if parted is not None:
+            return await parted.delete_dead_letters(list(ids))
         wanted = [normalize_id(entry_id) for entry_id in ids]
         with self._denials("delete_dead_letters"):
             return await _dead.delete_dead_letters(self._redis, self.keys, wanted)

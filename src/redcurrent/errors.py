@@ -39,6 +39,7 @@ __all__ = [
     "DecodeError",
     "EncodeError",
     "NoHandlerError",
+    "PartitionCountError",
     "PayloadTooLargeError",
     "RedcurrentError",
     "Retry",
@@ -63,6 +64,37 @@ class AccessDeniedError(ConfigurationError):
     Retrying cannot fix either, so a consumer fails at once instead of waiting
     for a server that will never say yes. The Redis error is the ``__cause__``.
     """
+
+
+class PartitionCountError(ConfigurationError):
+    """A topic was opened with another partition count than the one stored
+    for it (or as partitioned while a plain stream of that name exists).
+
+    The count is fixed when a topic is created: a producer and a consumer
+    that disagreed would route one key to two partitions. ``stored`` is the
+    count in Redis (1 for an unpartitioned topic), ``requested`` the one given.
+    """
+
+    def __init__(self, topic: str, stored: int, requested: int, *, plain: bool = False) -> None:
+        self.topic = topic
+        self.stored = stored
+        self.requested = requested
+        self.plain = plain
+        why = (
+            "a plain (unpartitioned) stream of that name exists; terminate it first"
+            if plain
+            else f"it is stored with {stored}"
+        )
+        super().__init__(f"topic {topic!r} cannot be opened with partitions={requested}: {why}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_partition_count_error, (self.topic, self.stored, self.requested, self.plain))
+
+
+def _partition_count_error(
+    topic: str, stored: int, requested: int, plain: bool
+) -> PartitionCountError:
+    return PartitionCountError(topic, stored, requested, plain=plain)
 
 
 class EncodeError(ConfigurationError, TypeError):
