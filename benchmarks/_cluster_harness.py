@@ -265,6 +265,7 @@ class BenchCluster:
         self.extra_args = extra_args
         self.servers: list[RedisServer] = []
         self.shards: list[Shard] = []
+        self._probes: dict[int, redis.Redis] = {}
 
     def __enter__(self) -> BenchCluster:
         try:
@@ -324,6 +325,10 @@ class BenchCluster:
         return self
 
     def stop(self) -> None:
+        for probe in self._probes.values():
+            with contextlib.suppress(Exception):
+                probe.close()
+        self._probes = {}
         for server in self.servers:
             with contextlib.suppress(Exception):
                 server.kill()
@@ -377,14 +382,23 @@ class BenchCluster:
             decode_responses=True,
         )
 
+    def flushall(self) -> None:
+        """Empty every shard (these are private servers made for the benchmark)."""
+        for shard in self.shards:
+            with self.client(shard.port) as c:
+                c.flushall()
+
     def snapshot(self) -> list[dict[str, Any]]:
         """Per shard: INFO commandstats (calls/usec by command), server CPU seconds, and
         the cgroup's throttling counters."""
         out: list[dict[str, Any]] = []
         for shard in self.shards:
-            with self.client(shard.port) as c:
-                stats = c.info("commandstats")
-                cpu = c.info("cpu")
+            # One lasting connection per shard: a new one would add a HELLO to the counts.
+            c = self._probes.get(shard.port)
+            if c is None:
+                c = self._probes[shard.port] = self.client(shard.port)
+            stats = c.info("commandstats")
+            cpu = c.info("cpu")
             commands = {
                 key.removeprefix("cmdstat_"): {
                     "calls": int(value["calls"]),

@@ -47,6 +47,7 @@ import os
 import platform
 import resource
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -61,6 +62,7 @@ from _cluster_harness import BenchCluster, CpuCgroups, snapshot_delta, spread_ke
 from _common import PAYLOAD, RESULTS_DIR, TYPE
 
 GROUP = "bench"
+TOPIC = "bench-topic"
 RAW_COUNT = 500
 #: Commands a consumer sends per message in a healthy steady state are what is measured;
 #: these are the benchmark's own probes, left out of the idle figure.
@@ -78,6 +80,19 @@ def uptime() -> str:
     except OSError:
         return "?"
     return f"load average {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}"
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    total = sum(fields[:8])
+    return (total - idle) / tick, total / tick
 
 
 def cpu_seconds() -> float:
@@ -221,20 +236,30 @@ def raw_consumer(spec: dict[str, Any], ready: Any, go: Any, stop: Any, out: Any)
         return None
 
     async def loop(r: Any, stream: str, expected: int, name: str) -> int:
+        # The XACK of one batch goes out in the same round trip as the next read.
         done = 0
+        ids: list[bytes] = []
+        block = spec.get("block_ms", 1000)
         while done < expected or expected < 0:
             if stop.is_set():
                 break
-            reply = await r.xreadgroup(
-                GROUP, name, {stream: ">"}, count=RAW_COUNT, block=spec.get("block_ms", 1000)
-            )
+            if ids:
+                pipe = r.pipeline(transaction=False)
+                pipe.xack(stream, GROUP, *ids)
+                pipe.xreadgroup(GROUP, name, {stream: ">"}, count=RAW_COUNT, block=block)
+                reply = (await pipe.execute())[1]
+                ids = []
+            else:
+                reply = await r.xreadgroup(GROUP, name, {stream: ">"}, count=RAW_COUNT, block=block)
             if not reply:
                 continue
             entries = reply[0][1]
             for _id, fields in entries:
                 await handler(decode(fields[b"data"]))
-            await r.xack(stream, GROUP, *[e[0] for e in entries])
+            ids = [e[0] for e in entries]
             done += len(entries)
+            if done >= expected >= 0:
+                await r.xack(stream, GROUP, *ids)
         return done
 
     async def main() -> dict[str, Any]:
@@ -270,6 +295,53 @@ def raw_consumer(spec: dict[str, Any], ready: Any, go: Any, stop: Any, out: Any)
     _report(out, lambda: asyncio.run(main()))
 
 
+# --------------------------------------------------------------------------- redcurrent workers
+
+
+def _cluster_client(ports: Sequence[int]) -> Any:
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    return RedisCluster(
+        startup_nodes=[ClusterNode("127.0.0.1", port) for port in ports],
+        socket_timeout=30,
+    )
+
+
+def rc_producer(spec: dict[str, Any], ready: Any, go: Any, stop: Any, out: Any) -> None:
+    """``Topic(cluster, name, partitions=N).publish_many`` with a key per message,
+    ``inflight`` calls of ``chunk`` items at a time."""
+    from redcurrent import Topic
+
+    async def main() -> dict[str, Any]:
+        client = _cluster_client(spec["ports"])
+        try:
+            topic = Topic(client, spec["topic"], partitions=spec["partitions"])
+            await topic.partition_streams()  # layout read (or made) before the clock
+            chunk, total = spec["chunk"], spec["messages"]
+            items = [(TYPE, PAYLOAD)] * chunk
+            base = spec["index"] * total
+            ready.wait()
+            go.wait()
+            c0 = cpu_seconds()
+            sent = 0
+
+            async def lane(lane_no: int) -> None:
+                nonlocal sent
+                for start in range(lane_no * chunk, total, chunk * spec["inflight"]):
+                    n = min(chunk, total - start)
+                    keys = [f"user-{base + start + i}" for i in range(n)]
+                    ids = await topic.publish_many(items[:n], keys=keys)
+                    sent += len(ids)
+
+            await asyncio.gather(*(lane(i) for i in range(spec["inflight"])))
+            t1 = time.monotonic()
+            return {"t1": t1, "cpu_s": cpu_seconds() - c0, "messages": sent}
+        finally:
+            await client.aclose()
+
+    _report(out, lambda: asyncio.run(main()))
+
+
 # --------------------------------------------------------------------------- measuring
 
 
@@ -286,6 +358,7 @@ def summarise(
     usec = [sum(d["commands"].get(c, {}).get("usec", 0) for c in commands) for d in delta]
     mean = sum(per_shard) / len(per_shard) if per_shard else 0
     server_cpu = sum(d["cpu_s"] for d in delta)
+    busy = delta[0].get("machine_busy_s", float("nan")) if delta else float("nan")
     return {
         "row": label,
         "shards": shards,
@@ -304,6 +377,16 @@ def summarise(
         "client_cores": client_cpu / seconds if seconds else 0.0,
         "client_us_per_msg": client_cpu / messages * 1e6 if messages else float("nan"),
         "throttled": [d["throttling"] for d in delta],
+        # Share of the CFS periods in which a shard ran out of quota: near 1 means the
+        # servers were the bottleneck, near 0 that the clients (or the machine) were.
+        "throttled_share": [
+            d["throttling"].get("nr_throttled", 0) / d["throttling"]["nr_periods"]
+            if d["throttling"].get("nr_periods")
+            else float("nan")
+            for d in delta
+        ],
+        # CPU the rest of the machine (other workers, this script's parent) used meanwhile.
+        "others_cores": (busy - server_cpu - client_cpu) / seconds if seconds else 0.0,
         "uptime": uptime(),
     }
 
@@ -313,10 +396,14 @@ def timed(
 ) -> tuple[float, list[dict[str, Any]], list[dict[str, Any]]]:
     """Release the workers, wait for them; (seconds, results, per-shard delta)."""
     before = cluster.snapshot()
+    busy0, _ = machine_cpu()
     t0 = run.release()
     results = run.results(timeout)
     seconds = max(r["t1"] for r in results) - t0
+    busy1, _ = machine_cpu()
     delta = snapshot_delta(before, cluster.snapshot())
+    for d in delta:
+        d["machine_busy_s"] = busy1 - busy0
     return seconds, results, delta
 
 
@@ -405,6 +492,63 @@ def raw_rows(
     return rows
 
 
+def rc_rows(cluster: BenchCluster, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """redcurrent: a partitioned Topic's publish_many, then StreamConsumers draining it."""
+    shards = len(cluster.shards)
+    ports = [s.port for s in cluster.shards]
+    per_producer = args.messages // args.producers
+    specs = [
+        {
+            "ports": ports,
+            "topic": TOPIC,
+            "partitions": args.partitions,
+            "chunk": args.chunk,
+            "inflight": args.inflight,
+            "messages": per_producer,
+            "index": i,
+        }
+        for i in range(args.producers)
+    ]
+    rows = []
+    run = Run(rc_producer, specs)
+    try:
+        run.start()
+        seconds, results, delta = timed(cluster, run, timeout=600)
+    finally:
+        run.close()
+    total = sum(r["messages"] for r in results)
+    row = summarise(
+        "redcurrent publish_many (keyed)",
+        shards,
+        total,
+        seconds,
+        delta,
+        sum(r["cpu_s"] for r in results),
+        ["xadd"],
+    )
+    row["processes"] = args.producers
+    rows.append(row)
+    if has_partitioned_consumer():
+        rows.extend(rc_consume_rows(cluster, total, args))
+    else:
+        print("redcurrent consume: skipped (no partitioned StreamConsumer yet)", flush=True)
+    return rows
+
+
+def has_partitioned_consumer() -> bool:
+    import inspect
+
+    from redcurrent import StreamConsumer
+
+    return "member_ttl" in inspect.signature(StreamConsumer).parameters
+
+
+def rc_consume_rows(
+    cluster: BenchCluster, total: int, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    return []
+
+
 def raw_idle(
     cluster: BenchCluster, streams: list[str], k: int, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -467,18 +611,34 @@ def idle_window(
 # --------------------------------------------------------------------------- report
 
 
+def medians(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
+    """Per (row, shards): the median of rate, server and client us/msg, balance."""
+    out: dict[tuple[str, int], dict[str, float]] = {}
+    for key in {(r["row"], r["shards"]) for r in rows if "rate" in r}:
+        same = [r for r in rows if (r["row"], r["shards"]) == key]
+        out[key] = {
+            f: statistics.median(r[f] for r in same)
+            for f in ("rate", "server_us_per_msg", "client_us_per_msg", "balance")
+        }
+        out[key]["runs"] = len(same)
+    return out
+
+
 def scale_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
-    names = sorted({r["row"] for r in rows if "rate" in r})
-    for name in names:
-        by = {r["shards"]: r for r in rows if r["row"] == name}
+    med = medians(rows)
+    for name in sorted({name for name, _ in med}):
+        by = {n: m for (row, n), m in med.items() if row == name}
         if 1 in by and len(by) > 1:
             top = max(by)
             t1, tn = by[1]["rate"], by[top]["rate"]
             lines.append(
-                f"- {name}: T{top}/T1 = {tn / t1:.2f}x, efficiency T{top}/({top}*T1) = "
-                f"{tn / (top * t1):.2f}; server CPU/msg {by[1]['server_us_per_msg']:.2f} -> "
-                f"{by[top]['server_us_per_msg']:.2f} us"
+                f"- {name} (median of {int(by[top]['runs'])}): T1 {t1:,.0f}/s, T{top} "
+                f"{tn:,.0f}/s, T{top}/T1 = {tn / t1:.2f}x, efficiency T{top}/({top}*T1) = "
+                f"{tn / (top * t1):.2f}; balance {by[top]['balance']:.3f}; server CPU/msg "
+                f"{by[1]['server_us_per_msg']:.2f} -> {by[top]['server_us_per_msg']:.2f} us; "
+                f"client CPU/msg {by[1]['client_us_per_msg']:.2f} -> "
+                f"{by[top]['client_us_per_msg']:.2f} us"
             )
     return lines
 
@@ -492,19 +652,20 @@ def render(report: dict[str, Any]) -> str:
         f"- server: {report['server']}; machine: {report['machine']}",
         "",
         "| row | shards | procs | msgs | msg/s | per-shard calls | balance max/mean | "
-        "server us/msg | throttled s/shard | client CPU s (cores) | client us/msg | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "server us/msg | throttled share/shard | client CPU s (cores) | client us/msg | "
+        "others' cores | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         if "rate" not in r:
             continue
-        throttled = ", ".join(f"{t.get('throttled_s', 0):.1f}" for t in r["throttled"]) or "-"
+        throttled = ", ".join(f"{t:.2f}" for t in r["throttled_share"]) or "-"
         out.append(
             f"| {r['row']} | {r['shards']} | {r.get('processes', '')} | {r['messages']} | "
             f"{r['rate']:,.0f} | {', '.join(str(c) for c in r['per_shard_calls'])} | "
             f"{r['balance']:.3f} | {r['server_us_per_msg']:.2f} | {throttled} | "
             f"{r['client_cpu_s']:.1f} ({r['client_cores']:.2f}) | "
-            f"{r['client_us_per_msg']:.2f} | {r['uptime']} |"
+            f"{r['client_us_per_msg']:.2f} | {r['others_cores']:.2f} | {r['uptime']} |"
         )
     idle = [r for r in report["rows"] if "commands_per_s_per_consumer" in r]
     if idle:
@@ -531,13 +692,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small run (CI smoke)")
     p.add_argument("--cap", type=float, default=0.25, help="cores per redis-server (0: none)")
-    p.add_argument("--period-us", type=int, default=100_000, help="CFS period")
+    p.add_argument(
+        "--period-us",
+        type=int,
+        default=20_000,
+        help="CFS period (short: many periods per run, so the quota's burst matters less)",
+    )
     p.add_argument("--partitions", type=int, default=12)
     p.add_argument("--messages", type=int, default=None)
     p.add_argument("--producers", type=int, default=3)
     p.add_argument("--consumers", type=int, default=4)
     p.add_argument("--batch", type=int, default=500, help="XADDs per node per round")
     p.add_argument("--depth", type=int, default=2, help="XADD batches in flight per node")
+    p.add_argument("--chunk", type=int, default=1000, help="items per publish_many call")
+    p.add_argument("--inflight", type=int, default=2, help="publish_many calls at a time")
+    p.add_argument("--repeat", type=int, default=None, help="repetitions (median reported)")
     p.add_argument("--shards", default="1,3")
     p.add_argument("--only", default="raw,redcurrent,idle")
     p.add_argument("--settle", type=float, default=None, help="idle: seconds before counting")
@@ -546,11 +715,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.messages is None:
-        args.messages = 60_000 if args.quick else 600_000
+        args.messages = 150_000 if args.quick else 600_000
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
     if args.settle is None:
         args.settle = 1.0 if args.quick else 2.0
     if args.idle_window is None:
-        args.idle_window = 3.0 if args.quick else 10.0
+        args.idle_window = 5.0 if args.quick else 10.0
     args.only = set(args.only.split(","))
     args.shard_counts = [int(x) for x in args.shards.split(",")]
     return args
@@ -576,16 +747,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"caps: {caps}; {uptime()}", flush=True)
     streams = spread_keys("bench", args.partitions)
     rows: list[dict[str, Any]] = []
+    clusters: dict[int, BenchCluster] = {}
     try:
+        # Every cluster size up at once (idle servers cost nothing), then the sizes take
+        # turns in each repetition, so that a change in the machine's load hits all alike.
         for shards in args.shard_counts:
-            with BenchCluster(
+            clusters[shards] = BenchCluster(
                 binary, shards, cgroups=cgroups, cap=args.cap, period_us=args.period_us
-            ) as cluster:
+            ).start()
+        for rep in range(args.repeat):
+            for shards, cluster in clusters.items():
+                print(f"-- repetition {rep + 1}/{args.repeat}, {shards} shard(s)", flush=True)
+                got: list[dict[str, Any]] = []
                 if "raw" in args.only:
-                    for row in raw_rows(cluster, streams, args):
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
+                    cluster.flushall()
+                    got += raw_rows(cluster, streams, args)
+                if "redcurrent" in args.only:
+                    cluster.flushall()
+                    got += rc_rows(cluster, args)
+                for row in got:
+                    row["repetition"] = rep
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     finally:
+        for cluster in clusters.values():
+            cluster.stop()
         if cgroups is not None:
             cgroups.remove_all()
     version = "?"
