@@ -217,6 +217,10 @@ async def test_terminate_deletes_every_owned_key_and_notifies(redis_client: ared
     remembered = {topic.keys.idempotency("k").encode()}
     await topic.publish("email", {"to": "c"}, delay=3600)  # scheduled and its payload
     await redis_client.hset(topic.keys.workers, "w", "1 0")  # worker names
+    # The keys of a partitioned topic's layout, membership and ownership.
+    await redis_client.hset(topic.keys.meta, "state", "terminating")
+    await redis_client.zadd(topic.keys.members, {"1:g:c": 0})
+    await redis_client.hset(topic.keys.owners, "h:g", "c#1")
     owned = {k.encode() for k in topic.keys.owned()}
     assert await _owned_keys(redis_client, topic) == owned | remembered
 

@@ -80,6 +80,9 @@ def test_owned_lists_every_key() -> None:
         keys.scheduled,
         keys.scheduled_data,
         keys.workers,
+        keys.meta,
+        keys.members,
+        keys.owners,
     }
     assert keys.control_channel not in keys.owned()
     assert repr(keys) == "TopicKeys('orders')"

@@ -275,6 +275,12 @@ class ConsumerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """An entry heavier than this (the bytes of its field names and values;
     8 MiB by default, ``None``: no limit) is moved to the dead letters
     undecoded, with a reason naming its size and the limit."""
+    member_ttl: float = 10.0
+    """On a partitioned topic: how long this consumer stays a member of the
+    group's partition map without renewing (it renews every third of it).
+    A crashed member's partitions move after about this long; a member that
+    could not renew for two thirds of it stops reading them by itself first.
+    Unused on a plain topic."""
 
     def __post_init__(self) -> None:
         # Any non-empty str that UTF-8 can encode: braces, spaces, newlines, Unicode.
@@ -298,7 +304,7 @@ class ConsumerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ConfigurationError(
                 f"max_deliveries must be an int >= 1, got {self.max_deliveries!r}"
             )
-        for name in ("claim_idle", "block", "start_timeout", "consumer_idle_timeout"):
+        for name in ("claim_idle", "block", "start_timeout", "consumer_idle_timeout", "member_ttl"):
             value = getattr(self, name)
             if not _is_number(value) or not value > 0:
                 raise ConfigurationError(f"{name} must be > 0 seconds, got {value!r}")

@@ -25,6 +25,8 @@ from ._instrument import CONSUMER_OBSERVERS, MIDDLEWARE, ConsumerObserver
 from ._keys import TopicKeys, check_name
 from ._limits import DEFAULT_MAX_PAYLOAD_BYTES
 from ._message import ConsumerHealth, ConsumerStats, StartFrom, StopReason
+from ._partitioned import PartitionedRuntime
+from ._partitions import load_layout
 from ._redis import AnyRedis, bytes_client, check_client, uses_tls
 from ._router import Registrar
 from ._routes import RouteTable
@@ -78,6 +80,7 @@ class StreamConsumer(Registrar):
         recreate_group: bool = False,
         max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES,
         retry: RetryPolicy | None = DEFAULT_RETRY,
+        member_ttl: float = 10.0,
     ) -> None:
         # Plain str names (a str enum becomes the value redis-py sends).
         config = ConsumerConfig(
@@ -98,6 +101,7 @@ class StreamConsumer(Registrar):
             recreate_group=recreate_group,
             max_payload_bytes=max_payload_bytes,
             retry=retry,
+            member_ttl=member_ttl,
         )
         self._setup(redis, config)
         self._named = name is not None
@@ -121,7 +125,7 @@ class StreamConsumer(Registrar):
         self._routes = RouteTable(context)
         client = bytes_client(redis)
         # A sibling client made for a decode_responses one is ours to close.
-        self._run = Runtime(
+        self._run: Runtime | PartitionedRuntime = Runtime(
             client, config, self._routes, owns_client=client is not redis, label=repr(self)
         )
         self._tg: anyio.abc.TaskGroup | None = None
@@ -228,6 +232,7 @@ class StreamConsumer(Registrar):
             raise ConsumerStateError(f"{self!r} was already started; create a new consumer")
         if not self._routes:
             raise ConfigurationError(f"{self!r} has no handlers")
+        await self._open_partitions()
         self._run.started = True
         if MIDDLEWARE:
             self._routes.wrap(MIDDLEWARE, self.stream, self.group, self.name)
@@ -249,6 +254,36 @@ class StreamConsumer(Registrar):
             raise
         self._tg = tg
         return self
+
+    async def _open_partitions(self) -> None:
+        """A partitioned topic (its layout is stored in Redis) is consumed by
+        a :class:`PartitionedRuntime` instead: same handlers, same face."""
+        run = self._run
+        if not isinstance(run, Runtime):
+            return
+        config = self._config
+        layout = None
+        with anyio.move_on_after(config.start_timeout) as waited:
+            layout = await run.member.call(
+                "reading the topic's layout", lambda: load_layout(run.redis, config.stream, None)
+            )
+        if waited.cancelled_caught:
+            raise self._start_timed_out()
+        if layout is not None:
+            self._run = PartitionedRuntime(
+                run.redis,
+                config,
+                self._routes,
+                layout,
+                owns_client=run.owns_client,
+                label=repr(self),
+            )
+
+    @property
+    def partitions(self) -> list[int] | None:
+        """The partitions this consumer reads now (None: the topic is not partitioned)."""
+        run = self._run
+        return run.owned if isinstance(run, PartitionedRuntime) else None
 
     async def _observe(self, observers: list[ConsumerObserver]) -> None:
         for observer in observers:

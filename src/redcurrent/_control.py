@@ -56,6 +56,9 @@ _CLOSE_TIMEOUT: Final = 2.0
 _WAKE_INTERVAL: Final = 1.0
 #: The action word of a hand-back notice.
 HAND_BACK: Final = "handback"
+#: The action word of a partitioned topic's membership notice: a member of the
+#: named group joined, left or released a partition (see ``_partitioned``).
+MEMBERS: Final = "members"
 
 
 async def _set_stopped(redis: AnyRedis, keys: TopicKeys, action: str, entry_id: str) -> None:
@@ -94,6 +97,13 @@ async def terminate(redis: AnyRedis, keys: TopicKeys) -> None:
     await script(keys=list(keys.owned()), args=[keys.control_channel])
 
 
+async def announce_members(redis: AnyRedis, keys: TopicKeys, group: str) -> None:
+    """Tell the members of a partitioned topic's ``group`` that its member set or
+    an owner changed, so that they recompute the map now rather than at their
+    next heartbeat. Only a hint, like the hand-back notice."""
+    await redis.publish(keys.control_channel, f"{MEMBERS} {group}")
+
+
 async def announce_hand_back(redis: AnyRedis, keys: TopicKeys, group: str) -> int:
     """Tell the running consumers of ``group`` that a stopping peer has just
     made its pending entries claimable, so that they claim them now rather
@@ -120,7 +130,9 @@ class ControlListener:
     due time (server ms) of every ``scheduled`` notice, and None after every
     (re)subscription, when notices may have been missed. ``on_hand_back``
     gets the group named by every ``handback`` notice (any group: the
-    callback tells whether it is its own).
+    callback tells whether it is its own), ``on_members`` that of every
+    ``members`` notice (a partitioned topic's member joined, left or released
+    a partition).
 
     Cost while idle: one blocking read on a dedicated pub/sub connection and
     one SMEMBERS per ``resync_interval``.
@@ -141,6 +153,7 @@ class ControlListener:
         on_terminate: Callable[[], None],
         on_scheduled: Callable[[int | None], None] | None = None,
         on_hand_back: Callable[[str], None] | None = None,
+        on_members: Callable[[str], None] | None = None,
         resync_interval: float = 5.0,
     ) -> None:
         if not resync_interval > 0:
@@ -152,6 +165,7 @@ class ControlListener:
         self._on_terminate = on_terminate
         self._on_scheduled = on_scheduled
         self._on_hand_back = on_hand_back
+        self._on_members = on_members
         self._interval = float(resync_interval)
         self._stopped: set[str] = set()
         self._loaded = False
@@ -318,6 +332,9 @@ class ControlListener:
         elif action == HAND_BACK and entry_id:
             if self._on_hand_back is not None and not self._terminated:
                 self._on_hand_back(entry_id)
+        elif action == MEMBERS and entry_id:
+            if self._on_members is not None and not self._terminated:
+                self._on_members(entry_id)
         else:
             logger.debug("ignoring unknown control message %r", text)
 

@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 
 from ._batch import Batch, Batcher
-from ._codec import FIELD_TYPE, decode_message, decode_type, is_init_entry
+from ._codec import FIELD_KEY, FIELD_TYPE, decode_message, decode_type, is_init_entry
 from ._config import RetryPolicy
 from ._dead import DeadLetterWriter
 from ._inflight import InFlight, Item
@@ -128,8 +128,18 @@ class Dispatcher:
         is_stopped: Callable[[str], bool],
         max_payload_bytes: int | None = None,
         retry: RetryPolicy | None = None,
+        partition: int | None = None,
     ) -> None:
         self.stream = stream
+        #: the partition this dispatcher serves of a partitioned topic
+        #: (``stream`` is then the topic's name); its messages' ids say it.
+        self.partition = partition
+        #: per message key, the turn of the newest message of that key taken
+        #: by a worker (see ``_one``).
+        self._key_turns: dict[bytes, anyio.Event] = {}
+        #: a partition's runtime starts nothing after this (monotonic) time
+        #: unless the membership heartbeat moves it on (see ``_partitioned``).
+        self.fence_until = math.inf
         self.router = router
         self.inflight = inflight
         self._ack = ack
@@ -310,6 +320,11 @@ class Dispatcher:
     async def _work_loop(self, slot: Slot) -> None:
         queue, inflight = self.queue, self.inflight
         while True:
+            if self.fence_until < time.monotonic():
+                # A partition whose membership could not be renewed: another
+                # member may own it by now. Its runtime is being stopped.
+                await anyio.sleep(0.05)
+                continue
             if inflight.lease_until < time.monotonic():
                 # Frozen or cut off past claim_idle: peers may own some of the
                 # queue now. The next lease refresh marks those lost.
@@ -338,6 +353,10 @@ class Dispatcher:
             if grave is not None:
                 await self._bury(item, *grave)
             return
+        key = item[1].get(FIELD_KEY)
+        if key is not None:
+            await self._one_in_turn(key, item, msg, route, slot)
+            return
         slot.in_handler = True
         try:
             await route.fn(msg)
@@ -350,6 +369,44 @@ class Dispatcher:
             slot.in_handler = False
             self.counters.handled += 1
             self._settle(item[0])
+
+    async def _one_in_turn(
+        self, key: bytes, item: Item, msg: Message[Any], route: Route, slot: Slot
+    ) -> None:
+        """A keyed message waits for the one of its key taken before it: the
+        messages of one key run one at a time, in the order the workers took
+        them off the queue (the stream's order), other keys in parallel.
+        Taking a turn is synchronous with taking the item off the queue (no
+        await in between), so turns follow queue order."""
+        turns = self._key_turns
+        before = turns.get(key)
+        mine = turns[key] = anyio.Event()
+        try:
+            if before is not None:
+                await before.wait()
+                # It may have been lost or stopped while it waited.
+                again, route_, grave = self._screen(item, route)
+                if again is None or route_ is None:
+                    if grave is not None:
+                        await self._bury(item, *grave)
+                    return
+                msg = again
+            slot.in_handler = True
+            try:
+                await route.fn(msg)
+            except BaseException as exc:
+                slot.in_handler = False
+                if not _handler_failed(exc):
+                    raise
+                await self._failed(item, exc, route)
+            else:
+                slot.in_handler = False
+                self.counters.handled += 1
+                self._settle(item[0])
+        finally:
+            mine.set()
+            if turns.get(key) is mine:
+                del turns[key]
 
     def _screen(
         self, item: Item, route: Route | None
@@ -411,7 +468,9 @@ class Dispatcher:
                     extra={"message_id": entry_id},
                 )
                 return None, None, (reason, "MaxDeliveriesExceeded")
-            msg = decode_message(entry_id, fields, self.stream, route.decoder, count, message_type)
+            msg = decode_message(
+                entry_id, fields, self.stream, route.decoder, count, message_type, self.partition
+            )
         except (DecodeError, NoHandlerError) as exc:
             logger.error("%s; moving it to the dead letters", exc, extra={"message_id": entry_id})
             return None, None, (str(exc), type(exc).__name__)

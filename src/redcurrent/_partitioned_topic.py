@@ -69,7 +69,8 @@ class Partitioned:
         delay: float | None,
         at: datetime | float | None,
     ) -> str:
-        partition = self.route(key)
+        # An idempotent publish repeated must land where the first one did.
+        partition = self.route(key if key is not None else idempotency_key)
         part = self.parts[partition]
         entry_id = await part._publish(
             message_type, data, metadata, maxlen, idempotency_key, delay, at, key
@@ -87,8 +88,10 @@ class Partitioned:
         """Items grouped by partition, the groups sent concurrently (each
         partition is one stream, possibly on another node); ids in input order."""
         groups: dict[int, list[int]] = {}
-        for index in range(len(items)):
+        for index, item in enumerate(items):
             key = keys[index] if keys is not None else None
+            if key is None and isinstance(item, tuple | list) and len(item) > 3:
+                key = item[3]  # its idempotency key: a repeat lands where it did
             groups.setdefault(self.route(key), []).append(index)
         ids: list[str] = [""] * len(items)
 
@@ -121,7 +124,11 @@ class Partitioned:
             part = self.parts[partition]
             infos[partition] = await part.info()
             raw = await redis.hgetall(part.keys.owners)
-            owners[partition] = {as_str(k): _holder(as_str(v)) for k, v in raw.items()}
+            owners[partition] = {
+                as_str(k)[2:]: _holder(as_str(v))
+                for k, v in raw.items()
+                if as_str(k).startswith("h:")
+            }
 
         async with anyio.create_task_group() as tg:
             for partition in range(self.count):

@@ -22,7 +22,7 @@ import json
 import time
 import weakref
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from redis.crc import key_slot
@@ -193,6 +193,12 @@ async def load_layout(redis: AnyRedis, name: str, partitions: int | None) -> Lay
 
 async def _read_or_create(redis: AnyRedis, name: str, partitions: int | None) -> Layout | None:
     keys = TopicKeys(name)
+    if partitions is None or partitions == 1:
+        # Only reading: one plain HMGET (what most topics, unpartitioned, cost).
+        stored = await redis.hmget(keys.meta, ["partitions", "streams", "state"])
+        if stored[0] is None:
+            return None
+        return _layout(name, keys, [stored[0], stored[1], stored[2] or b"active"])
     script = _scripts.get(redis)
     if script is None:
         script = _scripts[redis] = redis.register_script(LAYOUT_SCRIPT)
@@ -201,13 +207,19 @@ async def _read_or_create(redis: AnyRedis, name: str, partitions: int | None) ->
         keys=[keys.meta, keys.stream],
         args=["" if partitions is None else str(partitions), json.dumps(list(streams)), FORMAT],
     )
+    return _layout(name, keys, reply, partitions)
+
+
+def _layout(
+    name: str, keys: TopicKeys, reply: list[Any], requested: int | None = None
+) -> Layout | None:
     count_raw, streams_raw, state_raw = (
         x.decode() if isinstance(x, bytes) else str(x) for x in reply
     )
     count = int(count_raw)
     if count <= 1:
         if state_raw == "plain":
-            raise PartitionCountError(name, 1, partitions or 1, plain=True)
+            raise PartitionCountError(name, 1, requested or 1, plain=True)
         return None
     stored = tuple(json.loads(streams_raw))
     if len(stored) != count:

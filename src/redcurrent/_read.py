@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from ._ack import Acker
+from ._claim import recover_own_pending
 from ._inflight import InFlight, Submit
 from ._member import GroupMember
 from ._redis import entries_of, execute_pipeline, raw_reply_client
@@ -43,6 +44,8 @@ class Reader:
         self._args_head = ("XREADGROUP", "GROUP", member.group, member.name, "COUNT")
         self._args_tail = ("BLOCK", max(1, int(block * 1000)), "STREAMS", member.stream, ">")
         self._ack_head = ("XACK", member.stream, member.group)
+        #: how many times the read in progress was sent (>1: retried after an error).
+        self._attempts = 0
 
     async def run(self) -> None:
         inflight, submit, member, acker = self._inflight, self._submit, self._member, self._acker
@@ -53,6 +56,7 @@ class Reader:
             # their room back: they are sent ahead of the read below.
             ids = acker.take() if acker is not None and inflight.free() < 0 else []
             since = time.monotonic()
+            self._attempts = 0
             try:
                 reply = await self._call("XREADGROUP", lambda n=n, ids=ids: self._read(n, ids))  # type: ignore[misc]
             except BaseException:
@@ -68,8 +72,21 @@ class Reader:
                     submit(entries, None)
             finally:
                 inflight.unreserve(n)
+            if self._attempts > 1:
+                # A read failed first: the server may have delivered entries
+                # whose reply never arrived (a closed connection, a failover).
+                # They sit in our pending list; take them now rather than
+                # after claim_idle.
+                await recover_own_pending(member, inflight, submit)
 
     async def _read(self, n: int, ids: list[bytes]) -> Any:
+        self._attempts += 1
+        if self._attempts > 1:
+            # Retried after an error: no blocking read now (its wait would
+            # delay what the failed one may have delivered); the acks still go.
+            if ids:
+                await self._redis.execute_command(*self._ack_head, *ids)
+            return None
         if not ids:
             return await self._redis.execute_command(*self._args_head, n, *self._args_tail)
         pipe = self._redis.pipeline(transaction=False)

@@ -68,11 +68,18 @@ class Runtime:
         *,
         owns_client: bool,
         label: str,
+        counters: Counters | None = None,
+        partition: int | None = None,
+        topic: str | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings
         self.router = router
-        self.counters = Counters()
+        # One partition of a partitioned topic: its messages show the topic's
+        # name and the partition; the counters are the whole consumer's.
+        self.counters = counters if counters is not None else Counters()
+        self.partition = partition
+        self.topic = topic if topic is not None else settings.stream
         self.keys = TopicKeys(settings.stream)
         self.member = GroupMember(redis, self.keys, settings.group, settings.name)
         if settings.recreate_group:
@@ -168,7 +175,8 @@ class Runtime:
         )
         batcher = Batcher(settings.batch) if self.router.batch_types else None
         dispatcher = Dispatcher(
-            stream=settings.stream,
+            stream=self.topic,
+            partition=self.partition,
             router=self.router,
             inflight=inflight,
             ack=acker.add,
@@ -346,6 +354,10 @@ class Runtime:
                 acker=acker,
             )
             await self._guard(recover_own_pending, member, inflight, submit)
+            if self.partition is not None:
+                # A partition just taken over: what its last owner handed back
+                # goes before anything newer, for per-key order.
+                await self._guard(claimer.claim_once)
             async with anyio.create_task_group() as feeders:
                 feeders.start_soon(self._guard, claimer.run)
                 feeders.start_soon(self._guard, reader.run)
