@@ -118,9 +118,26 @@ class Run:
         self.go = _ctx.Event()
         self.stop = _ctx.Event()
         self.out: Any = _ctx.Queue()
+        # Progress the workers publish while they run: messages handled, monotonic time
+        # of the last one, own CPU seconds since ``go``.
+        self.count: Any = _ctx.Array("q", len(specs), lock=False)
+        self.last: Any = _ctx.Array("d", len(specs), lock=False)
+        self.cpu: Any = _ctx.Array("d", len(specs), lock=False)
+        # Commands the worker's client packed (sent), counted in the client: unlike INFO
+        # commandstats this leaves out the commands Lua scripts run inside the server.
+        self.sent: Any = _ctx.Array("q", len(specs), lock=False)
         self.procs = [
-            _ctx.Process(target=target, args=(spec, self.ready, self.go, self.stop, self.out))
-            for spec in specs
+            _ctx.Process(
+                target=target,
+                args=(
+                    {**spec, "slot": i, "progress": (self.count, self.last, self.cpu, self.sent)},
+                    self.ready,
+                    self.go,
+                    self.stop,
+                    self.out,
+                ),
+            )
+            for i, spec in enumerate(specs)
         ]
 
     def start(self, timeout: float = 120.0) -> None:
@@ -231,6 +248,7 @@ def raw_consumer(spec: dict[str, Any], ready: Any, go: Any, stop: Any, out: Any)
     import redis.asyncio
 
     decode = msgspec.json.decode
+    count_sent_commands(spec["progress"][3], spec["slot"])
 
     async def handler(payload: Any) -> None:
         return None
@@ -298,6 +316,41 @@ def raw_consumer(spec: dict[str, Any], ready: Any, go: Any, stop: Any, out: Any)
 # --------------------------------------------------------------------------- redcurrent workers
 
 
+def local_stream_keys() -> None:
+    """Diagnostic (``--local-keys``): let redis-py's cluster client find the keys of
+    XREADGROUP/XREAD itself. By default it asks a server with ``COMMAND GETKEYS`` for
+    every such read (their keys are "movable"), always the same node: an extra round
+    trip per read, and extra load on that shard."""
+    from redis._parsers.commands import AsyncCommandsParser
+
+    original = AsyncCommandsParser.get_keys
+
+    async def get_keys(self: Any, *args: Any) -> Any:
+        name = args[0].decode() if isinstance(args[0], bytes) else str(args[0])
+        if name.upper() in {"XREADGROUP", "XREAD"}:
+            words = [a.decode() if isinstance(a, bytes) else str(a) for a in args]
+            at = next(i for i, w in enumerate(words) if w.upper() == "STREAMS")
+            rest = args[at + 1 :]
+            return list(rest[: len(rest) // 2])
+        return await original(self, *args)
+
+    AsyncCommandsParser.get_keys = get_keys  # type: ignore[method-assign]
+
+
+def count_sent_commands(sent: Any, slot: int) -> None:
+    """Count every command this process's redis-py connections pack (pipelines pack
+    each of theirs through ``pack_command`` too) into ``sent[slot]``."""
+    from redis.asyncio.connection import AbstractConnection
+
+    original = AbstractConnection.pack_command
+
+    def pack_command(self: Any, *args: Any) -> Any:
+        sent[slot] += 1
+        return original(self, *args)
+
+    AbstractConnection.pack_command = pack_command  # type: ignore[method-assign]
+
+
 def _cluster_client(ports: Sequence[int]) -> Any:
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
@@ -342,6 +395,69 @@ def rc_producer(spec: dict[str, Any], ready: Any, go: Any, stop: Any, out: Any) 
     _report(out, lambda: asyncio.run(main()))
 
 
+def rc_consumer(spec: dict[str, Any], ready: Any, go: Any, stop: Any, out: Any) -> None:
+    """One :class:`redcurrent.StreamConsumer` of the partitioned topic, with its own
+    ``RedisCluster`` client, until ``stop``; progress into the shared arrays."""
+    from redcurrent import StartFrom, StreamConsumer
+
+    count_arr, last_arr, cpu_arr, sent_arr = spec["progress"]
+    slot = spec["slot"]
+    count_sent_commands(sent_arr, slot)
+    if spec["local_keys"]:
+        local_stream_keys()
+
+    async def main() -> dict[str, Any]:
+        client = _cluster_client(spec["ports"])
+        handled = 0
+        last = 0.0
+
+        async def one(_message: Any) -> None:
+            nonlocal handled, last
+            handled += 1
+            last = time.monotonic()
+
+        async def many(messages: Sequence[Any]) -> None:
+            nonlocal handled, last
+            handled += len(messages)
+            last = time.monotonic()
+
+        try:
+            consumer = StreamConsumer(
+                client,
+                spec["topic"],
+                GROUP,
+                name=f"c{slot}",
+                start=StartFrom.EARLIEST,
+                concurrency=spec["concurrency"],
+                member_ttl=spec["member_ttl"],
+            )
+            if spec["batch"]:
+                consumer.batch_handler(TYPE, size=spec["batch"])(many)
+            else:
+                consumer.handler(TYPE)(one)
+            ready.wait()
+            go.wait()
+            c0 = cpu_seconds()
+            async with consumer:
+                waiting = asyncio.ensure_future(asyncio.to_thread(stop.wait))
+                while not waiting.done():
+                    count_arr[slot], last_arr[slot] = handled, last
+                    cpu_arr[slot] = cpu_seconds() - c0
+                    await asyncio.wait({waiting}, timeout=0.02)
+                partitions = consumer.partitions
+            count_arr[slot], last_arr[slot] = handled, last
+            return {
+                "t1": last,
+                "cpu_s": cpu_seconds() - c0,
+                "messages": handled,
+                "partitions": partitions,
+            }
+        finally:
+            await client.aclose()
+
+    _report(out, lambda: asyncio.run(main()))
+
+
 # --------------------------------------------------------------------------- measuring
 
 
@@ -352,10 +468,23 @@ def summarise(
     seconds: float,
     delta: list[dict[str, Any]],
     client_cpu: float,
-    commands: Sequence[str],
+    commands: Sequence[str] | None,
 ) -> dict[str, Any]:
-    per_shard = [sum(d["commands"].get(c, {}).get("calls", 0) for c in commands) for d in delta]
-    usec = [sum(d["commands"].get(c, {}).get("usec", 0) for c in commands) for d in delta]
+    """One row. ``commands``: the commands whose calls per shard measure its load
+    (None: every command but the benchmark's own probes)."""
+
+    def picked(d: dict[str, Any]) -> list[dict[str, int]]:
+        if commands is None:
+            return [v for k, v in d["commands"].items() if k not in PROBE_COMMANDS]
+        return [d["commands"][c] for c in commands if c in d["commands"]]
+
+    per_shard = [sum(v["calls"] for v in picked(d)) for d in delta]
+    usec = [sum(v["usec"] for v in picked(d)) for d in delta]
+    by_command: dict[str, int] = {}
+    for d in delta:
+        for k, v in d["commands"].items():
+            if k not in PROBE_COMMANDS:
+                by_command[k] = by_command.get(k, 0) + v["calls"]
     mean = sum(per_shard) / len(per_shard) if per_shard else 0
     server_cpu = sum(d["cpu_s"] for d in delta)
     busy = delta[0].get("machine_busy_s", float("nan")) if delta else float("nan")
@@ -365,10 +494,21 @@ def summarise(
         "messages": messages,
         "seconds": seconds,
         "rate": messages / seconds if seconds else 0.0,
-        "commands": list(commands),
+        "commands": list(commands) if commands is not None else "all",
+        "by_command": by_command,
         "per_shard_calls": per_shard,
         "per_shard_usec": usec,
         "balance": max(per_shard) / mean if mean else float("nan"),
+        "per_shard_commands": [
+            {k: v["calls"] for k, v in d["commands"].items() if k not in PROBE_COMMANDS}
+            for d in delta
+        ],
+        "cpu_balance": (
+            max(d["cpu_s"] for d in delta) / (server_cpu / len(delta))
+            if server_cpu > 0
+            else float("nan")
+        ),
+        "usec_balance": max(usec) / (sum(usec) / len(usec)) if usec and sum(usec) else float("nan"),
         "spread": [c / mean - 1 for c in per_shard] if mean else [],
         "server_cpu_s": server_cpu,
         "server_cpu_per_shard_s": [d["cpu_s"] for d in delta],
@@ -546,7 +686,81 @@ def has_partitioned_consumer() -> bool:
 def rc_consume_rows(
     cluster: BenchCluster, total: int, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
-    return []
+    """K StreamConsumers drain the backlog (timed until the last message is handled),
+    then stay on, idle, for the idle-cost window."""
+    shards = len(cluster.shards)
+    ports = [s.port for s in cluster.shards]
+    k = args.consumers
+    specs = [
+        {
+            "ports": ports,
+            "topic": TOPIC,
+            "concurrency": args.concurrency,
+            "batch": args.rc_batch,
+            "member_ttl": args.member_ttl,
+            "local_keys": args.local_keys,
+        }
+        for _ in range(k)
+    ]
+    rows: list[dict[str, Any]] = []
+    run = Run(rc_consumer, specs)
+    try:
+        run.start()
+        before = cluster.snapshot()
+        busy0, _ = machine_cpu()
+        t0 = run.release()
+        deadline = t0 + args.timeout
+        while sum(run.count) < total:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"consumed {sum(run.count)} of {total}")
+            if not all(p.is_alive() for p in run.procs):
+                raise RuntimeError("a consumer process died")
+            time.sleep(0.01)
+        seconds = max(run.last) - t0
+        client_cpu = sum(run.cpu)
+        busy1, _ = machine_cpu()
+        delta = snapshot_delta(before, cluster.snapshot())
+        for d in delta:
+            d["machine_busy_s"] = busy1 - busy0
+        label = "redcurrent consume ({}{})".format(
+            f"batch {args.rc_batch}" if args.rc_batch else "handler",
+            ", keys found locally" if args.local_keys else "",
+        )
+        row = summarise(label, shards, total, seconds, delta, client_cpu, None)
+        row["processes"] = k
+        row["handled"] = sum(run.count)
+        rows.append(row)
+        if "idle" in args.only:
+            idle = idle_window(cluster, run, k, args, "redcurrent idle (StreamConsumer)")
+            row["partitions"] = idle["partitions_owned"]
+            rows.append(idle)
+        else:
+            run.stop.set()
+            results = run.results(timeout=60)
+            row["partitions"] = [r["partitions"] for r in results]
+    finally:
+        run.close()
+    with contextlib.suppress(Exception):
+        row["duplicates"] = sum(run.count) - total
+    pending = 0
+    for stream in _partition_streams(cluster):
+        with cluster.client(cluster.shard_of(stream).port) as c, contextlib.suppress(Exception):
+            pending += int(c.xpending(stream, GROUP)["pending"])
+    row["pending_after_stop"] = pending
+    return rows
+
+
+def _partition_streams(cluster: BenchCluster) -> list[str]:
+    from redcurrent import Topic
+
+    async def get() -> list[str]:
+        client = _cluster_client([s.port for s in cluster.shards])
+        try:
+            return await Topic(client, TOPIC).partition_streams()
+        finally:
+            await client.aclose()
+
+    return asyncio.run(get())
 
 
 def raw_idle(
@@ -576,13 +790,16 @@ def idle_window(
 ) -> dict[str, Any]:
     time.sleep(args.settle)
     before = cluster.snapshot()
+    sent0, cpu0 = sum(run.sent), sum(run.cpu)
     t0 = time.monotonic()
     time.sleep(args.idle_window)
     after = cluster.snapshot()
     seconds = time.monotonic() - t0
+    sent, cpu = sum(run.sent) - sent0, sum(run.cpu) - cpu0
     run.stop.set()
     results = run.results(timeout=60)
     delta = snapshot_delta(before, after)
+    owned = [r.get("partitions") for r in results]
     per_shard = [
         sum(v["calls"] for name, v in d["commands"].items() if name not in PROBE_COMMANDS)
         for d in delta
@@ -602,8 +819,13 @@ def idle_window(
         "by_command": by_command,
         "per_shard_calls": per_shard,
         "commands_per_s_per_consumer": total / seconds / k,
+        # What the clients sent (0 where the worker does not count: the raw one).
+        "sent_per_s_per_consumer": sent / seconds / k,
+        "partitions_owned": owned,
         "server_cpu_s": sum(d["cpu_s"] for d in delta),
-        "client_cpu_s": sum(r["cpu_s"] for r in results),
+        # Over the window where the workers publish their CPU time (the StreamConsumer
+        # ones), else from ``go`` to their stop (the raw ones: all of it idle).
+        "client_cpu_s": cpu if any(run.cpu) else sum(r["cpu_s"] for r in results),
         "uptime": uptime(),
     }
 
@@ -651,7 +873,8 @@ def render(report: dict[str, Any]) -> str:
         f"- caps: {report['caps']}",
         f"- server: {report['server']}; machine: {report['machine']}",
         "",
-        "| row | shards | procs | msgs | msg/s | per-shard calls | balance max/mean | "
+        "| row | shards | procs | msgs | msg/s | per-shard calls | balance max/mean "
+        "(calls, usec, CPU) | "
         "server us/msg | throttled share/shard | client CPU s (cores) | client us/msg | "
         "others' cores | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -663,7 +886,8 @@ def render(report: dict[str, Any]) -> str:
         out.append(
             f"| {r['row']} | {r['shards']} | {r.get('processes', '')} | {r['messages']} | "
             f"{r['rate']:,.0f} | {', '.join(str(c) for c in r['per_shard_calls'])} | "
-            f"{r['balance']:.3f} | {r['server_us_per_msg']:.2f} | {throttled} | "
+            f"{r['balance']:.2f}, {r['usec_balance']:.2f}, {r['cpu_balance']:.2f} | "
+            f"{r['server_us_per_msg']:.2f} | {throttled} | "
             f"{r['client_cpu_s']:.1f} ({r['client_cores']:.2f}) | "
             f"{r['client_us_per_msg']:.2f} | {r['others_cores']:.2f} | {r['uptime']} |"
         )
@@ -671,15 +895,18 @@ def render(report: dict[str, Any]) -> str:
     if idle:
         out += [
             "",
-            "| idle row | shards | consumers | window s | commands | cmd/s per consumer | "
-            "by command | load |",
-            "|---|---|---|---|---|---|---|---|",
+            "| idle row | shards | consumers | window s | server-side commands | "
+            "per consumer /s | sent by client per consumer /s | client CPU % per consumer | "
+            "by command (server side, incl. inside scripts) | load |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in idle:
             out.append(
                 f"| {r['row']} | {r['shards']} | {r['consumers']} | {r['seconds']:.1f} | "
                 f"{r['commands']} | {r['commands_per_s_per_consumer']:.2f} | "
-                f"{json.dumps(r['by_command'])} | {r['uptime']} |"
+                f"{r['sent_per_s_per_consumer']:.2f} | "
+                f"{100 * r['client_cpu_s'] / r['seconds'] / r['consumers']:.2f} | "
+                f"{json.dumps(r['by_command'], sort_keys=True)} | {r['uptime']} |"
             )
     out += ["", "Scaling:", *scale_lines(report["rows"])]
     return "\n".join(out) + "\n"
@@ -707,6 +934,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=1000, help="items per publish_many call")
     p.add_argument("--inflight", type=int, default=2, help="publish_many calls at a time")
     p.add_argument("--repeat", type=int, default=None, help="repetitions (median reported)")
+    p.add_argument("--concurrency", type=int, default=16, help="StreamConsumer concurrency")
+    p.add_argument("--rc-batch", type=int, default=0, help="batch_handler size (0: handler)")
+    p.add_argument("--member-ttl", type=float, default=10.0)
+    p.add_argument(
+        "--local-keys",
+        action="store_true",
+        help="diagnostic: the consumers' cluster client finds XREADGROUP keys itself "
+        "instead of asking COMMAND GETKEYS",
+    )
+    p.add_argument("--timeout", type=float, default=600.0, help="per timed row")
     p.add_argument("--shards", default="1,3")
     p.add_argument("--only", default="raw,redcurrent,idle")
     p.add_argument("--settle", type=float, default=None, help="idle: seconds before counting")
