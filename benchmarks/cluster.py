@@ -710,12 +710,19 @@ def rc_consume_rows(
         busy0, _ = machine_cpu()
         t0 = run.release()
         deadline = t0 + args.timeout
-        while sum(run.count) < total:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"consumed {sum(run.count)} of {total}")
+        # When 10% and 90% of the backlog were handled: the rate between them leaves
+        # out the start (members joining, partitions handed over) and the tail.
+        marks: dict[float, float] = {}
+        while (done := sum(run.count)) < total:
+            now = time.monotonic()
+            for frac in (0.1, 0.9):
+                if frac not in marks and done >= frac * total:
+                    marks[frac] = now
+            if now > deadline:
+                raise TimeoutError(f"consumed {done} of {total}")
             if not all(p.is_alive() for p in run.procs):
                 raise RuntimeError("a consumer process died")
-            time.sleep(0.01)
+            time.sleep(0.005)
         seconds = max(run.last) - t0
         client_cpu = sum(run.cpu)
         busy1, _ = machine_cpu()
@@ -729,6 +736,8 @@ def rc_consume_rows(
         row = summarise(label, shards, total, seconds, delta, client_cpu, None)
         row["processes"] = k
         row["handled"] = sum(run.count)
+        if 0.1 in marks and 0.9 in marks and marks[0.9] > marks[0.1]:
+            row["steady_rate"] = 0.8 * total / (marks[0.9] - marks[0.1])
         rows.append(row)
         if "idle" in args.only:
             idle = idle_window(cluster, run, k, args, "redcurrent idle (StreamConsumer)")
@@ -843,6 +852,9 @@ def medians(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, float
             for f in ("rate", "server_us_per_msg", "client_us_per_msg", "balance")
         }
         out[key]["runs"] = len(same)
+        steady = [r["steady_rate"] for r in same if "steady_rate" in r]
+        if steady:
+            out[key]["steady_rate"] = statistics.median(steady)
     return out
 
 
@@ -862,6 +874,12 @@ def scale_lines(rows: list[dict[str, Any]]) -> list[str]:
                 f"client CPU/msg {by[1]['client_us_per_msg']:.2f} -> "
                 f"{by[top]['client_us_per_msg']:.2f} us"
             )
+            if "steady_rate" in by[1] and "steady_rate" in by[top]:
+                s1, sn = by[1]["steady_rate"], by[top]["steady_rate"]
+                lines.append(
+                    f"  - steady part (10%..90% of the backlog): T1 {s1:,.0f}/s, "
+                    f"T{top} {sn:,.0f}/s, T{top}/T1 = {sn / s1:.2f}x"
+                )
     return lines
 
 
