@@ -19,6 +19,7 @@ core: the servers then behave like separate machines of that size.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import socket
@@ -37,7 +38,14 @@ from redcurrent.testing import RedisServer
 
 SLOTS = 16384
 
-__all__ = ["SLOTS", "BenchCluster", "CpuCgroup", "CpuCgroups", "spread_keys"]
+__all__ = [
+    "SLOTS",
+    "BenchCluster",
+    "CpuCgroup",
+    "CpuCgroups",
+    "effective_period",
+    "spread_keys",
+]
 
 
 # --------------------------------------------------------------------------- cgroups
@@ -151,7 +159,8 @@ class CpuCgroups:
     def make(self, name: str, cap: float, period_us: int) -> CpuCgroup:
         path = self.root / name
         path.mkdir(exist_ok=True)
-        quota = max(1000, round(cap * period_us))
+        period_us = effective_period(cap, period_us)
+        quota = round(cap * period_us)
         if self.version == 1:
             (path / "cpu.cfs_period_us").write_text(f"{period_us}\n")
             (path / "cpu.cfs_quota_us").write_text(f"{quota}\n")
@@ -164,6 +173,16 @@ class CpuCgroups:
     def remove_all(self) -> None:
         while self.made:
             self.made.pop().remove()
+
+
+#: The kernel refuses a CFS quota below 1 ms.
+MIN_QUOTA_US = 1000
+
+
+def effective_period(cap: float, period_us: int) -> int:
+    """``period_us``, lengthened where ``cap`` of it would be under the kernel's
+    minimum quota (1 ms): a cap of 0.025 needs a period of at least 40 ms."""
+    return max(period_us, math.ceil(MIN_QUOTA_US / cap)) if cap > 0 else period_us
 
 
 def _writable_dir(path: Path) -> bool:

@@ -58,7 +58,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import msgspec
-from _cluster_harness import BenchCluster, CpuCgroups, snapshot_delta, spread_keys
+from _cluster_harness import (
+    BenchCluster,
+    CpuCgroups,
+    effective_period,
+    snapshot_delta,
+    spread_keys,
+)
 from _common import PAYLOAD, RESULTS_DIR, TYPE
 
 GROUP = "bench"
@@ -990,6 +996,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cgroups is None:
             print(f"SKIP cluster benchmark: cannot cap redis-server CPU here ({why})")
             return 0
+        args.period_us = effective_period(args.cap, args.period_us)
         caps = (
             f"{args.cap} core per redis-server (quota {round(args.cap * args.period_us)} us / "
             f"period {args.period_us} us, {cgroups.describe()})"
