@@ -1058,7 +1058,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = render(report)
     print(text)
     RESULTS_DIR.mkdir(exist_ok=True)
-    stem = "cluster-quick" if args.quick else "cluster-latest"
+    stem = "quick-cluster" if args.quick else "cluster-latest"
     (args.json or RESULTS_DIR / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS_DIR / f"{stem}.md").write_text(text)
     return 0
