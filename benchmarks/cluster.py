@@ -2,9 +2,9 @@
 
 Usage::
 
-    python benchmarks/cluster.py [--quick] [--cap 0.25] [--partitions 12] [--messages N]
-                                 [--producers P] [--consumers K] [--period-us 100000]
-                                 [--shards 1,3] [--only raw,redcurrent,idle] [--json PATH]
+    python benchmarks/cluster.py [--quick] [--cap 0.025] [--period-us 20000]
+        [--partitions 12] [--messages N] [--repeat R] [--producers P] [--consumers K]
+        [--shards 1,3] [--only raw,redcurrent,idle] [--local-keys] [--tag NAME]
 
 On a two-core machine an uncapped 3-shard cluster is slower than one shard: servers and
 clients share the same cores. So each ``redis-server`` runs in a cgroup of its own capped
@@ -13,27 +13,31 @@ then behave like separate small machines and the client processes get the rest. 
 writable cpu controller exists the script prints a ``SKIP`` line and exits 0
 (``--cap 0`` runs uncapped instead).
 
-For each cluster size (``--shards``, default 1 then 3), on a fresh cluster:
+Both cluster sizes (``--shards``) are started once and take turns in each of ``R``
+repetitions (medians reported); each turn starts from empty shards:
 
 * **raw publish**: ``P`` processes pipeline pre-encoded ``XADD`` s over the ``N``
-  partition streams (keys spread evenly over the slots, so over the shards), one batch in
-  flight per node per process; replies parsed with hiredis. The client is made as cheap
-  as possible on purpose: this row measures the servers.
+  partition streams (keys spread evenly over the slots, so over the shards), ``--depth``
+  batches in flight per node, refilled per node; replies parsed with hiredis. The client
+  is made as cheap as possible on purpose: this row measures the servers.
 * **raw consume**: ``K`` processes, one asyncio read loop per partition stream
-  (``XREADGROUP COUNT 500`` + one ``XACK`` per batch, ``data`` decoded with msgspec, as
-  in ``bench_consumer``'s raw loop) drain what the publish row wrote.
-* **redcurrent** (once the partitioned ``Topic`` exists): ``Topic(cluster, name,
-  partitions=N).publish_many`` with keys, then ``K`` :class:`redcurrent.StreamConsumer`
-  processes, each with its own ``RedisCluster`` client, drain it.
-* **idle**: the ``K`` consumers of the previous row on an empty topic; commands per second
-  per consumer from ``INFO commandstats`` over a quiet window (``INFO`` itself excluded).
+  (``XREADGROUP COUNT 500``, the ``XACK`` of a batch sent with the next read, ``data``
+  decoded with msgspec, as in ``bench_consumer``'s raw loop) drain what was published.
+* **redcurrent**: ``Topic(cluster, name, partitions=N).publish_many`` with keys, then
+  ``K`` :class:`redcurrent.StreamConsumer` processes, each with its own ``RedisCluster``
+  client, drain it (timed to the last handled message; the steady 10%..90% rate too).
+* **idle**: the consumers of the previous row on the drained topic: commands per second
+  per consumer over a quiet window, on the servers (``INFO commandstats``, commands run
+  inside scripts included) and as the clients send them.
 
-Each row reports: messages/s, per-shard commands and ``usec`` from ``INFO
-commandstats`` (balance = max/mean of the per-shard calls), server CPU per message
-(``used_cpu_sys + used_cpu_user`` delta over all shards / messages), the cgroups'
-throttling, and the client processes' own CPU time (``getrusage`` in each process over the
-measured window). Then T3/T1 and the efficiency T3/(3*T1), the caps and ``uptime``.
-Results go to ``results/cluster-latest.json`` and ``results/cluster-latest.md``.
+Each row reports: messages/s, per-shard calls of the commands that carry the messages
+and their balance (max/mean; also of ``usec`` and of server CPU), server CPU per message
+(``used_cpu_sys + used_cpu_user`` deltas over all shards / messages), the cgroups'
+throttled share, the client processes' own CPU time (``getrusage`` in each over the
+measured window), the CPU the rest of the machine used, and ``uptime``'s load. Then
+T3/T1 and the efficiency T3/(3*T1). Results go to ``results/cluster-latest.{json,md}``
+(``--quick``: ``results/quick-cluster.*``; ``--tag NAME``: ``results/cluster-NAME.*``).
+See benchmarks/README.md.
 """
 
 from __future__ import annotations
