@@ -76,7 +76,14 @@ TOPIC = "bench-topic"
 RAW_COUNT = 500
 #: Commands a consumer sends per message in a healthy steady state are what is measured;
 #: these are the benchmark's own probes, left out of the idle figure.
-PROBE_COMMANDS = {"info", "cluster|info", "cluster|slots", "cluster|shards", "cluster|nodes"}
+PROBE_COMMANDS = {
+    "info",
+    "monitor",
+    "cluster|info",
+    "cluster|slots",
+    "cluster|shards",
+    "cluster|nodes",
+}
 
 _ctx = mp.get_context("spawn")
 
@@ -812,6 +819,97 @@ def raw_idle(
         run.close()
 
 
+def script_names() -> dict[str, str]:
+    """SHA1 -> ``module.NAME`` of every Lua script constant in redcurrent's modules."""
+    import hashlib
+    import importlib
+    import pkgutil
+
+    import redcurrent
+
+    names: dict[str, str] = {}
+    for info in pkgutil.iter_modules(redcurrent.__path__):
+        try:
+            module = importlib.import_module(f"redcurrent.{info.name}")
+        except Exception:  # an optional extra's module
+            continue
+        for attr, value in vars(module).items():
+            if isinstance(value, str) and "redis.call" in value:
+                names[hashlib.sha1(value.encode()).hexdigest()] = f"{info.name}.{attr}"
+    return names
+
+
+class Monitor:
+    """``MONITOR`` on every shard for a window: which commands the clients sent (and
+    which scripts, by name), and which ran inside scripts."""
+
+    def __init__(self, cluster: BenchCluster) -> None:
+        import threading
+
+        self.stop = threading.Event()
+        self.sent: dict[str, int] = {}
+        self.in_scripts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._scripts = script_names()
+        self._threads = [
+            threading.Thread(target=self._watch, args=(s.port,), daemon=True)
+            for s in cluster.shards
+        ]
+        self._ready = threading.Barrier(len(self._threads) + 1)
+
+    def __enter__(self) -> Monitor:
+        for t in self._threads:
+            t.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(5)
+
+    def _watch(self, port: int) -> None:
+        import shlex
+
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(_pack("MONITOR"))
+            sock.settimeout(0.2)
+            buf = b""
+            while not buf.endswith(b"+OK\r\n"):
+                buf += sock.recv(1024)
+            self._ready.wait(10)
+            buf = b""
+            while not self.stop.is_set():
+                try:
+                    chunk = sock.recv(1 << 16)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    return
+                buf += chunk
+                *lines, buf = buf.split(b"\r\n")
+                for line in lines:
+                    self._count(line.decode(errors="replace"), shlex)
+
+    def _count(self, line: str, shlex: Any) -> None:
+        head, _, rest = line.partition("] ")
+        try:
+            words = shlex.split(rest)
+        except ValueError:
+            return
+        if not words:
+            return
+        name = words[0].lower()
+        if name in PROBE_COMMANDS:
+            return
+        if name in {"evalsha", "eval"} and len(words) > 1:
+            sha = words[1] if name == "evalsha" else ""
+            name = f"{name} {self._scripts.get(sha, sha[:8])}"
+        target = self.in_scripts if head.endswith("lua") else self.sent
+        with self._lock:
+            target[name] = target.get(name, 0) + 1
+
+
 def idle_window(
     cluster: BenchCluster, run: Run, k: int, args: argparse.Namespace, label: str
 ) -> dict[str, Any]:
@@ -819,7 +917,8 @@ def idle_window(
     before = cluster.snapshot()
     sent0, cpu0 = sum(run.sent), sum(run.cpu)
     t0 = time.monotonic()
-    time.sleep(args.idle_window)
+    with Monitor(cluster) as monitor:
+        time.sleep(args.idle_window)
     after = cluster.snapshot()
     seconds = time.monotonic() - t0
     sent, cpu = sum(run.sent) - sent0, sum(run.cpu) - cpu0
@@ -849,6 +948,13 @@ def idle_window(
         # What the clients sent (0 where the worker does not count: the raw one).
         "sent_per_s_per_consumer": sent / seconds / k,
         "partitions_owned": owned,
+        # From MONITOR: per consumer per second, by command (EVALSHA by script name).
+        "monitor_sent_per_s_per_consumer": {
+            name: round(n / seconds / k, 3) for name, n in sorted(monitor.sent.items())
+        },
+        "monitor_in_scripts_per_s_per_consumer": {
+            name: round(n / seconds / k, 3) for name, n in sorted(monitor.in_scripts.items())
+        },
         "server_cpu_s": sum(d["cpu_s"] for d in delta),
         # Over the window where the workers publish their CPU time (the StreamConsumer
         # ones), else from ``go`` to their stop (the raw ones: all of it idle).
@@ -943,6 +1049,13 @@ def render(report: dict[str, Any]) -> str:
                 f"{r['sent_per_s_per_consumer']:.2f} | "
                 f"{100 * r['client_cpu_s'] / r['seconds'] / r['consumers']:.2f} | "
                 f"{json.dumps(r['by_command'], sort_keys=True)} | {r['uptime']} |"
+            )
+    for r in idle:
+        if r.get("monitor_sent_per_s_per_consumer"):
+            out.append(
+                f"\n{r['row']}, {r['shards']} shard(s): sent per consumer per second "
+                f"(MONITOR): {json.dumps(r['monitor_sent_per_s_per_consumer'])}; inside "
+                f"scripts: {json.dumps(r['monitor_in_scripts_per_s_per_consumer'])}"
             )
     out += ["", "Scaling:", *scale_lines(report["rows"])]
     return "\n".join(out) + "\n"
