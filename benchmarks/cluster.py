@@ -1007,6 +1007,67 @@ def scale_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def target_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets for the redcurrent consumer, PASS/MISS on the medians."""
+    med = medians(rows)
+    consume = sorted({name for name, _ in med if name.startswith("redcurrent consume")})
+    lines: list[str] = []
+
+    def mark(ok: bool) -> str:
+        return "PASS" if ok else "MISS"
+
+    for name in consume:
+        by = {n: m for (row, n), m in med.items() if row == name}
+        if 1 not in by or len(by) < 2:
+            continue
+        top = max(by)
+        ratio = by[top]["rate"] / by[1]["rate"]
+        lines.append(f"- {mark(ratio >= 2.5)} {name}: T{top}/T1 = {ratio:.2f}x (>= 2.5x)")
+        if "steady_rate" in by[1] and "steady_rate" in by[top]:
+            steady = by[top]["steady_rate"] / by[1]["steady_rate"]
+            lines.append(f"  - steady part: {steady:.2f}x")
+        spreads = [
+            r["spread"] for r in rows if r["row"] == name and r["shards"] == top and r["spread"]
+        ]
+        if spreads:
+            worst = statistics.median(max(abs(x) for x in sp) for sp in spreads)
+            lines.append(
+                f"- {mark(worst <= 0.10)} {name}: per-shard XREADGROUP+XACK calls within "
+                f"±{100 * worst:.0f}% of the mean (median over runs; target ±10%)"
+            )
+        publish = [
+            r["spread"]
+            for r in rows
+            if r["row"].startswith("redcurrent publish") and r["shards"] == top and r["spread"]
+        ]
+        if publish:
+            worst = statistics.median(max(abs(x) for x in sp) for sp in publish)
+            lines.append(
+                f"- {mark(worst <= 0.10)} messages per shard (XADD calls) within "
+                f"±{100 * worst:.1f}% of the mean"
+            )
+        s1, sn = by[1]["server_us_per_msg"], by[top]["server_us_per_msg"]
+        lines.append(
+            f"- {mark(abs(sn / s1 - 1) <= 0.10)} {name}: server CPU per message flat, "
+            f"{s1:.2f} -> {sn:.2f} us ({100 * (sn / s1 - 1):+.0f}%; within ±10%)"
+        )
+    idle = [r for r in rows if r["row"].startswith("redcurrent idle")]
+    if idle:
+        server = statistics.median(r["commands_per_s_per_consumer"] for r in idle)
+        sent = statistics.median(r["sent_per_s_per_consumer"] for r in idle)
+        parts = statistics.median(
+            len(p) / max(1, len(r["partitions_owned"]))
+            for r in idle
+            for p in [[x for owned in r["partitions_owned"] if owned for x in owned]]
+        )
+        lines.append(
+            f"- {mark(server < 2)} idle: {server:.2f} commands/s per consumer on the servers "
+            f"(INFO commandstats, inside scripts included), {mark(sent < 2)} {sent:.2f}/s "
+            f"sent by the client; {parts:.0f} partitions per consumer (target < 2)"
+        )
+    return lines
+
+
 def render(report: dict[str, Any]) -> str:
     out = [
         "# Cluster scaling",
@@ -1058,6 +1119,9 @@ def render(report: dict[str, Any]) -> str:
                 f"scripts: {json.dumps(r['monitor_in_scripts_per_s_per_consumer'])}"
             )
     out += ["", "Scaling:", *scale_lines(report["rows"])]
+    targets = target_lines(report["rows"])
+    if targets:
+        out += ["", "Targets (issue 19):", *targets]
     return "\n".join(out) + "\n"
 
 
@@ -1105,6 +1169,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-window", type=float, default=None, help="idle: seconds counted")
     p.add_argument("--server", default=None, help="redis-server binary")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--render", type=Path, default=None, help="only re-render a saved JSON")
     p.add_argument("--tag", default=None, help="results/cluster-<tag>.{md,json} (default latest)")
     args = p.parse_args(argv)
     if args.messages is None:
@@ -1122,6 +1187,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        # Re-render a saved JSON (e.g. after changing this report's layout).
+        report = json.loads(args.render.read_text())
+        text = render(report)
+        args.render.with_suffix(".md").write_text(text)
+        print(text)
+        return 0
     cgroups = None
     if args.cap > 0:
         cgroups, why = CpuCgroups.detect()
