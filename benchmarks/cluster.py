@@ -1033,7 +1033,7 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
             worst = statistics.median(max(abs(x) for x in sp) for sp in spreads)
             lines.append(
                 f"- {mark(worst <= 0.10)} {name}: per-shard XREADGROUP+XACK calls within "
-                f"±{100 * worst:.0f}% of the mean (median over runs; target ±10%)"
+                f"±{100 * worst:.1f}% of the mean (median over runs; target ±10%)"
             )
         publish = [
             r["spread"]
