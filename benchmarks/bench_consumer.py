@@ -65,21 +65,24 @@ _encode = msgspec.json.encode
 class Sink:
     """The trivial handler: counts messages and signals when ``target`` were seen."""
 
-    __slots__ = ("done", "n", "target")
+    __slots__ = ("done", "handled_at", "n", "target")
 
     def __init__(self, target: int) -> None:
         self.n = 0
         self.target = target
         self.done = anyio.Event()
+        self.handled_at = 0.0
 
     async def one(self, _msg: Any) -> None:
         self.n += 1
         if self.n >= self.target:
+            self.handled_at = time.perf_counter()
             self.done.set()
 
     async def many(self, msgs: list[Any]) -> None:
         self.n += len(msgs)
         if self.n >= self.target:
+            self.handled_at = time.perf_counter()
             self.done.set()
 
 
@@ -140,101 +143,349 @@ def make_consumer(
 class Variant(msgspec.Struct, frozen=True):
     key: str
     label: str
-    impl: str  # "raw" | "redcurrent"
+    impl: str  # "raw" | "raw_pipelined" | "redcurrent"
     concurrency: int = 1
     batch: int | None = None
     prefetch: int | None = None
+    loop: str = "asyncio"
 
 
 #: The prefetch of the read-ahead variants (not the default; see benchmarks/README.md).
 READ_AHEAD_PREFETCH = 1024
+#: The baseline every throughput ratio is taken against: the strongest simple raw loop.
+BASELINE = "raw_pipelined"
 
 
-def throughput_variants(quick: bool) -> list[Variant]:
-    out = [Variant("raw", "raw redis-py loop (COUNT 500, XACK per batch)", "raw")]
-    for c in (1, 4, 16, 64):
-        out.append(Variant(f"single_c{c}", f"redcurrent handler, concurrency {c}", "redcurrent", c))
-    for size in (10, 50, 100, 500):
+def bench_loops() -> list[str]:
+    """The event loops to measure: ``asyncio``, plus ``uvloop`` rows when
+    ``BENCH_LOOP=uvloop`` is set (and uvloop imports)."""
+    wanted = os.environ.get("BENCH_LOOP", "asyncio").strip().lower()
+    loops = ["asyncio"]
+    if wanted == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            print("BENCH_LOOP=uvloop but uvloop is not installed: asyncio only", file=sys.stderr)
+        else:
+            loops.append("uvloop")
+    return loops
+
+
+def run_in_loop(loop: str, coro: Awaitable[Any]) -> Any:
+    """Run ``coro`` to completion in a fresh event loop of kind ``loop``."""
+    if loop == "uvloop":
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    else:
+        factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)  # type: ignore[arg-type]
+
+
+def throughput_variants(quick: bool, loops: list[str] | None = None) -> list[Variant]:
+    out: list[Variant] = []
+    for loop in loops or ["asyncio"]:
+        sfx = "" if loop == "asyncio" else f"@{loop}"
+        tag = "" if loop == "asyncio" else f" [{loop}]"
         out.append(
-            Variant(f"batch_{size}", f"redcurrent batch_handler size={size}", "redcurrent", 1, size)
+            Variant(
+                f"raw_pipelined{sfx}",
+                f"raw loop, XACK pipelined with the next XREADGROUP (COUNT 500){tag}",
+                "raw_pipelined",
+                loop=loop,
+            )
         )
-    # Read-ahead: with prefetch >= 2 x COUNT one read is in flight while the
-    # workers run the previous one. Informational rows, not held against targets.
-    p = READ_AHEAD_PREFETCH
-    out.append(Variant("single_c1_ra", f"… concurrency 1, prefetch={p}", "redcurrent", 1, None, p))
-    out.append(Variant("batch_100_ra", f"… batch size=100, prefetch={p}", "redcurrent", 1, 100, p))
+        out.append(Variant(f"raw{sfx}", f"raw loop, XACK after each batch{tag}", "raw", loop=loop))
+        for c in (1, 4, 16, 64) if loop == "asyncio" and not quick else (1, 64):
+            out.append(
+                Variant(
+                    f"single_c{c}{sfx}",
+                    f"redcurrent handler, concurrency {c}{tag}",
+                    "redcurrent",
+                    c,
+                    loop=loop,
+                )
+            )
+        for size in (10, 50, 100, 500) if loop == "asyncio" and not quick else (100, 500):
+            out.append(
+                Variant(
+                    f"batch_{size}{sfx}",
+                    f"redcurrent batch_handler size={size}{tag}",
+                    "redcurrent",
+                    1,
+                    size,
+                    loop=loop,
+                )
+            )
+        # Read-ahead: with prefetch >= 2 x COUNT one read is in flight while the
+        # workers run the previous one. Informational rows, not held against targets.
+        if loop == "asyncio":
+            p = READ_AHEAD_PREFETCH
+            out.append(
+                Variant("single_c1_ra", f"… concurrency 1, prefetch={p}", "redcurrent", 1, None, p)
+            )
+            out.append(
+                Variant("batch_100_ra", f"… batch size=100, prefetch={p}", "redcurrent", 1, 100, p)
+            )
     return out
 
 
-async def _time_raw(client: aredis.Redis, stream: str, n: int) -> float:
-    sink = Sink(n)
-    started = time.perf_counter()
-    await client.xgroup_create(stream, GROUP, id="0")
-    await raw_loop(
-        client, stream, "raw", sink.one, block_ms=1000, until=lambda: sink.n >= sink.target
-    )
-    return time.perf_counter() - started
+async def server_counters(client: aredis.Redis) -> tuple[float, dict[str, int]]:
+    """Server CPU seconds (user + sys) and calls per command, from one INFO."""
+    info = await client.execute_command("INFO", "cpu", "commandstats")
+    cpu = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    calls = {
+        k.removeprefix("cmdstat_"): int(v["calls"])
+        for k, v in info.items()
+        if k.startswith("cmdstat_")
+    }
+    return cpu, calls
 
 
-async def _time_redcurrent(client: aredis.Redis, stream: str, n: int, v: Variant) -> float:
-    sink = Sink(n)
-    consumer = make_consumer(
-        client, stream, sink, concurrency=v.concurrency, batch=v.batch, prefetch=v.prefetch
-    )
-    started = time.perf_counter()
-    async with consumer:
-        await sink.done.wait()
-        return time.perf_counter() - started
+def counters_delta(
+    before: tuple[float, dict[str, int]],
+    after: tuple[float, dict[str, int]],
+    *,
+    own: dict[str, int],
+) -> tuple[float, dict[str, int]]:
+    """CPU seconds and commands between two :func:`server_counters`, without the
+    measuring client's own ``own`` calls (and every INFO)."""
+    calls = {}
+    for name, n in after[1].items():
+        d = n - before[1].get(name, 0) - own.get(name, 0)
+        if d and name != "info":
+            calls[name] = d
+    return after[0] - before[0], calls
 
 
-async def throughput(url: str, n: int, repeat: int, quick: bool) -> dict[str, Any]:
-    """Every variant on ``n`` messages, ``repeat`` rounds, variants interleaved."""
-    variants = throughput_variants(quick)
+async def wait_acked(probe: aredis.Redis, stream: str) -> int:
+    """Poll XPENDING until nothing is pending; the number of polls sent."""
+    polls = 0
+    while True:
+        polls += 1
+        if not await pending_count(probe, stream, GROUP):
+            return polls
+        await asyncio.sleep(0.0005)
+
+
+async def raw_pipelined_loop(
+    client: aredis.Redis,
+    stream: str,
+    name: str,
+    handler: Callable[[Any], Awaitable[None]],
+    *,
+    block_ms: int,
+    until: Callable[[], bool],
+) -> None:
+    """The strongest simple raw loop: XREADGROUP COUNT 500, handler per message,
+    and the batch's XACK sent in the same pipeline as the next XREADGROUP (one
+    round trip per batch)."""
+    decode = _decode
+    ids: list[bytes] = []
+    while True:
+        if ids:
+            pipe = client.pipeline(transaction=False)
+            pipe.xack(stream, GROUP, *ids)
+            pipe.xreadgroup(GROUP, name, {stream: ">"}, count=RAW_COUNT, block=block_ms)
+            reply = (await pipe.execute())[1]
+        else:
+            reply = await client.xreadgroup(
+                GROUP, name, {stream: ">"}, count=RAW_COUNT, block=block_ms
+            )
+        ids = []
+        if reply:
+            for entry_id, fields in reply[0][1]:
+                await handler(decode(fields[b"data"]))
+                ids.append(entry_id)
+        if until():
+            if ids:
+                await client.xack(stream, GROUP, *ids)
+            return
+
+
+async def _measure(url: str, stream: str, n: int, v: Variant) -> dict[str, Any]:
+    """One timed run: from the consumer's start (its client's first connection,
+    group checks, claim of its own pending, control subscription) until the last
+    ack is visible in XPENDING; with the server's CPU time and commands meanwhile."""
     client = aredis.Redis.from_url(url)
-    template = "bench:template"
+    probe = aredis.Redis.from_url(url)
+    sink = Sink(n)
     try:
-        await client.delete(template)
-        await fill_stream(client, template, n)
-        times: dict[str, list[float]] = {v.key: [] for v in variants}
-        # One warm-up round on a small copy (imports, connections, code paths).
-        rounds = [("warm", min(n, 5000))] + [(str(r), n) for r in range(repeat)]
-        for label, count in rounds:
-            for v in variants:
-                stream = f"bench:tp:{v.key}:{label}"
-                if count == n:
-                    await fresh_copy(client, template, stream)
-                else:
-                    await client.delete(stream)
-                    await fill_stream(client, stream, count)
-                if v.impl == "raw":
-                    elapsed = await _time_raw(client, stream, count)
-                else:
-                    elapsed = await _time_redcurrent(client, stream, count, v)
-                left = await pending_count(client, stream, GROUP)
-                if left:
-                    raise RuntimeError(f"{v.key}: {left} messages left unacknowledged")
-                await client.delete(stream)
-                if label != "warm":
-                    times[v.key].append(elapsed)
-        await client.delete(template)
+        before = await server_counters(probe)
+        cpu_started = time.process_time()
+        started = time.perf_counter()
+        if v.impl == "redcurrent":
+            consumer = make_consumer(
+                client, stream, sink, concurrency=v.concurrency, batch=v.batch, prefetch=v.prefetch
+            )
+            async with consumer:
+                await sink.done.wait()
+                polls = await wait_acked(probe, stream)
+                elapsed = time.perf_counter() - started
+                client_cpu = time.process_time() - cpu_started
+                after = await server_counters(probe)
+        else:
+            loop_fn = raw_loop if v.impl == "raw" else raw_pipelined_loop
+            await client.xgroup_create(stream, GROUP, id="0")
+            await loop_fn(client, stream, "raw", sink.one, block_ms=1000, until=lambda: sink.n >= n)
+            polls = await wait_acked(probe, stream)
+            elapsed = time.perf_counter() - started
+            client_cpu = time.process_time() - cpu_started
+            after = await server_counters(probe)
     finally:
         await client.aclose()
+        await probe.aclose()
+    cpu, calls = counters_delta(before, after, own={"xpending": polls})
+    handled = sink.handled_at - started
+    return {
+        "client_cpu_s": client_cpu,
+        "seconds": elapsed,
+        "handled_s": handled,
+        "server_cpu_s": cpu,
+        "commands": calls,
+    }
+
+
+async def _prepare(url: str, template: str, stream: str, count: int, n: int) -> None:
+    client = aredis.Redis.from_url(url)
+    try:
+        if count == n:
+            await fresh_copy(client, template, stream)
+        else:
+            await client.delete(stream)
+            await fill_stream(client, stream, count)
+    finally:
+        await client.aclose()
+
+
+async def _drop(url: str, *keys: str) -> None:
+    client = aredis.Redis.from_url(url)
+    try:
+        await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+def throughput(url: str, n: int, repeat: int, quick: bool) -> dict[str, Any]:
+    """Every variant on ``n`` messages, ``repeat`` rounds, variants interleaved; each
+    run in a fresh event loop of its kind (asyncio, or uvloop with BENCH_LOOP=uvloop)."""
+    variants = throughput_variants(quick, bench_loops())
+    template = "bench:template"
+    runs: dict[str, list[dict[str, Any]]] = {v.key: [] for v in variants}
+    run_in_loop("asyncio", _drop(url, template))
+    run_in_loop("asyncio", _fill(url, template, n))
+    # One warm-up round on a small copy (imports, code paths).
+    rounds = [("warm", min(n, 5000))] + [(str(r), n) for r in range(repeat)]
+    for label, count in rounds:
+        for v in variants:
+            stream = f"bench:tp:{v.key}:{label}"
+            run_in_loop("asyncio", _prepare(url, template, stream, count, n))
+            one = run_in_loop(v.loop, _measure(url, stream, count, v))
+            run_in_loop("asyncio", _drop(url, stream))
+            if label != "warm":
+                runs[v.key].append(one)
+    run_in_loop("asyncio", _drop(url, template))
     results: dict[str, Any] = {}
     for v in variants:
-        med = median(times[v.key])
+        rs = runs[v.key]
+        med = median([r["seconds"] for r in rs])
+        cmds = [sum(r["commands"].values()) / n for r in rs]
         results[v.key] = {
             "label": v.label,
             "impl": v.impl,
+            "loop": v.loop,
             "concurrency": v.concurrency,
             "batch": v.batch,
             "prefetch": v.prefetch,
             "messages": n,
-            "runs_s": times[v.key],
+            "runs_s": [r["seconds"] for r in rs],
             "median_s": med,
             "msgs_per_s": n / med,
             "us_per_msg": med / n * 1e6,
+            "server_cpu_us_per_msg": median([r["server_cpu_s"] for r in rs]) / n * 1e6,
+            # This process's CPU time (user + sys): steadier than wall time on a busy machine.
+            "client_cpu_us_per_msg": median([r["client_cpu_s"] for r in rs]) / n * 1e6,
+            # From the last handler call until XPENDING shows the last ack.
+            "ack_lag_ms": median([(r["seconds"] - r["handled_s"]) * 1e3 for r in rs]),
+            "commands_per_msg": median(cmds),
+            "commands": rs[-1]["commands"] if rs else {},
         }
     return results
+
+
+async def _fill(url: str, stream: str, n: int) -> None:
+    client = aredis.Redis.from_url(url)
+    try:
+        await fill_stream(client, stream, n)
+    finally:
+        await client.aclose()
+
+
+# --------------------------------------------------------------------------- fairness
+
+
+async def _fair_once(url: str, n: int, prefetch: int, consumers: int) -> list[int]:
+    """``consumers`` consumers of one group (own clients, one event loop) share a
+    backlog of ``n``; how many messages each handled."""
+    setup = aredis.Redis.from_url(url)
+    stream = f"bench:fair:{prefetch}"
+    await setup.delete(stream)
+    await fill_stream(setup, stream, n)
+    counts = [0] * consumers
+    done = anyio.Event()
+    clients = [aredis.Redis.from_url(url) for _ in range(consumers)]
+    members = []
+    for i, client in enumerate(clients):
+        consumer = StreamConsumer(
+            client, stream, GROUP, name=f"c{i}", start=StartFrom.EARLIEST, prefetch=prefetch
+        )
+
+        async def one(_msg: Any, i: int = i) -> None:
+            counts[i] += 1
+            await asyncio.sleep(0)  # a handler that yields, as real ones do
+            if sum(counts) >= n:
+                done.set()
+
+        consumer.handler(TYPE)(one)
+        members.append(consumer)
+
+    async def run(consumer: StreamConsumer) -> None:
+        async with consumer:
+            await done.wait()
+
+    try:
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for consumer in members:
+                    tg.start_soon(run, consumer)
+    finally:
+        await setup.delete(stream)
+        await setup.aclose()
+        for client in clients:
+            await client.aclose()
+    return counts
+
+
+def fairness(url: str, n: int, repeat: int, prefetches: tuple[int, ...] = (256, 1024)) -> Any:
+    """The share of a backlog each of 3 competing consumers gets, per prefetch,
+    on a backlog of ``n`` and of ``n // 10``."""
+    sizes = (n, max(300, n // 10))
+    per: dict[tuple[int, int], list[list[float]]] = {(p, m): [] for m in sizes for p in prefetches}
+    for _ in range(repeat):
+        for p, m in per:
+            counts = run_in_loop("asyncio", _fair_once(url, m, p, 3))
+            per[(p, m)].append(sorted((c / m for c in counts), reverse=True))
+    out: dict[str, Any] = {}
+    for (p, m), runs in per.items():
+        out[f"{p}/{m}"] = {
+            "prefetch": p,
+            "messages": m,
+            "max_share": median([r[0] for r in runs]),
+            "min_share": median([r[-1] for r in runs]),
+            "runs": runs,
+        }
+    return out
 
 
 # --------------------------------------------------------------------------- latency
@@ -272,7 +523,7 @@ async def _latency_once(url: str, impl: str, seconds: float, rate: float) -> lis
             if impl == "raw":
                 await client.xgroup_create(stream, GROUP, id="$", mkstream=True)
                 tg.start_soon(
-                    lambda: raw_loop(
+                    lambda: raw_pipelined_loop(
                         client,
                         stream,
                         "raw",
@@ -445,15 +696,7 @@ async def idle(url: str, seconds: float) -> dict[str, Any]:
     client = aredis.Redis.from_url(url)
     out: dict[str, Any] = {}
 
-    async def commands() -> int:
-        info = await client.info("stats")
-        return int(info["total_commands_processed"])
-
     try:
-        # What one of our own INFO calls adds to the counter.
-        a = await commands()
-        b = await commands()
-        own = b - a
         for impl in ("raw", "redcurrent"):
             stream = f"bench:idle:{impl}"
             await client.delete(stream)
@@ -465,18 +708,22 @@ async def idle(url: str, seconds: float) -> dict[str, Any]:
                 raise RuntimeError(f"idle child ({impl}) did not start: {line!r}")
             await anyio.sleep(1.0)  # let start-up traffic settle
             ps = psutil.Process(proc.pid)
-            c0, cpu0, t0 = await commands(), ps.cpu_times(), time.perf_counter()
+            c0, cpu0, t0 = await server_counters(client), ps.cpu_times(), time.perf_counter()
             await anyio.sleep(seconds)
-            c1, cpu1, t1 = await commands(), ps.cpu_times(), time.perf_counter()
+            c1, cpu1, t1 = await server_counters(client), ps.cpu_times(), time.perf_counter()
             proc.stdin.write("stop\n")
             proc.stdin.flush()
             await anyio.to_thread.run_sync(proc.wait)
             wall = t1 - t0
             cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+            # INFO commandstats: every command, those inside scripts too (INFO left out).
+            _, calls = counters_delta(c0, c1, own={})
+            n = sum(calls.values())
             out[impl] = {
                 "seconds": wall,
-                "commands": c1 - c0 - own,
-                "commands_per_s": (c1 - c0 - own) / wall,
+                "commands": n,
+                "commands_per_s": n / wall,
+                "by_command_per_s": {k: v / wall for k, v in sorted(calls.items())},
                 "cpu_pct": 100 * cpu / wall,
             }
             await client.delete(stream)
@@ -518,30 +765,36 @@ async def _child_idle(url: str, impl: str, stream: str) -> None:
 # --------------------------------------------------------------------------- profile
 
 
-async def _profile_target(url: str, n: int, concurrency: int, impl: str) -> float:
+async def _profile_target(
+    url: str, n: int, concurrency: int, impl: str, batch: int | None, prefetch: int | None
+) -> float:
     client = aredis.Redis.from_url(url)
     try:
         stream = "bench:profile"
         await client.delete(stream)
         await fill_stream(client, stream, n)
-        if impl == "raw":
-            return await _time_raw(client, stream, n)
-        v = Variant("p", "profile", "redcurrent", concurrency)
-        return await _time_redcurrent(client, stream, n, v)
     finally:
         await client.aclose()
+    v = Variant("p", "profile", impl, concurrency, batch, prefetch)
+    return float((await _measure(url, stream, n, v))["seconds"])
 
 
 def profile(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="bench_consumer.py profile")
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--impl", choices=["redcurrent", "raw"], default="redcurrent")
+    parser.add_argument(
+        "--impl", choices=["redcurrent", "raw", "raw_pipelined"], default="redcurrent"
+    )
     parser.add_argument("--cprofile", action="store_true", help="use cProfile")
+    parser.add_argument("--batch", type=int, help="batch_handler size (redcurrent)")
+    parser.add_argument("--prefetch", type=int, help="prefetch (redcurrent)")
     args = parser.parse_args(argv)
+    loop = bench_loops()[-1]
+    what = (args.concurrency, args.impl, args.batch, args.prefetch)
     with private_redis_url() as url:
         # Warm up, then profile a second run.
-        asyncio.run(_profile_target(url, 5000, args.concurrency, args.impl))
+        run_in_loop(loop, _profile_target(url, 5000, *what))
         try:
             if args.cprofile:
                 raise ImportError
@@ -552,13 +805,13 @@ def profile(argv: list[str]) -> None:
 
             prof = cProfile.Profile()
             prof.enable()
-            elapsed = asyncio.run(_profile_target(url, args.count, args.concurrency, args.impl))
+            elapsed = run_in_loop(bench_loops()[-1], _profile_target(url, args.count, *what))
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         else:
             profiler = Profiler(interval=0.0002, async_mode="disabled")
             profiler.start()
-            elapsed = asyncio.run(_profile_target(url, args.count, args.concurrency, args.impl))
+            elapsed = run_in_loop(bench_loops()[-1], _profile_target(url, args.count, *what))
             profiler.stop()
             print(profiler.output_text(unicode=True, color=False, show_all=False))
     rate, us = args.count / elapsed, elapsed / args.count * 1e6

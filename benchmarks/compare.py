@@ -747,7 +747,8 @@ def page(res: dict[str, Any]) -> str:
     lines += ["", "What concurrency means for each:", ""]
     for cls in SYSTEMS:
         lines.append(f"- **{cls.label}**: {cls.setting}.")
-    lines += ["", READING.rstrip(), "", HOW.rstrip(), "", "## Features", "", FEATURES_INTRO]
+    lines += ["", READING.rstrip(), "", HOW.rstrip(), "", AGAINST_RAW.rstrip()]
+    lines += ["", "## Features", "", FEATURES_INTRO]
     lines.append("| | redcurrent | FastStream | taskiq-redis | streaq |")
     lines.append("|---|---|---|---|---|")
     for feature, *cells in FEATURES:
@@ -755,6 +756,24 @@ def page(res: dict[str, Any]) -> str:
     lines += ["", FEATURES_NOTES.rstrip()]
     return "\n".join(lines).rstrip() + "\n"
 
+
+AGAINST_RAW = """\
+## Against the strongest raw loop and the server's own limit
+
+The suite in `benchmarks/` holds redcurrent against the strongest simple raw loop (the
+one above: XREADGROUP COUNT 500, XACK in one pipeline with the next read) and publishing
+against the server bound (`redis-benchmark -P 64` XADD of the same entry on the same
+server), all variants interleaved, medians of 5, ratios only, with server CPU, client CPU
+and commands per message, the fairness of competing consumers and the command cost of a
+retry and of a scheduled message:
+
+```sh
+BENCH_LOOP=uvloop python benchmarks/run.py   # about 6 minutes
+```
+
+It writes the table to `benchmarks/results/latest.md` in the repository (the method:
+`benchmarks/README.md`; the headline figures: the README's Performance section).
+"""
 
 READING = """\
 Reading the figures:

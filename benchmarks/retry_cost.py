@@ -29,6 +29,7 @@ async def stats(client: aredis.Redis) -> dict[str, int]:
 async def run(url: str, n: int, *, fail: bool, jitter: float) -> dict[str, int]:
     client = aredis.Redis.from_url(url)
     stream = f"bench:retry:{fail}:{jitter}"
+    await client.delete(stream)
     await Topic(client, stream).publish_many([("t", {"n": i}) for i in range(n)])
     done: set[str] = set()
     finished = anyio.Event()

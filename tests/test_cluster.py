@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import gc
+import json
 import random
 import shutil
 import socket
@@ -23,9 +26,17 @@ from redis.exceptions import RedisClusterException
 from helpers import wait_until as until
 from redcurrent import CleanupPolicy, Message, StartFrom, StopReason, StreamConsumer, Topic
 from redcurrent._faults import Fault, classify
+from redcurrent._partitions import partition_for
 from redcurrent.testing import RedisServer, find_redis_server
 
 FAST: dict[str, Any] = {"claim_idle": 0.5, "block": 0.3, "shutdown_timeout": 1.0}
+PARTS: dict[str, Any] = {
+    "start": StartFrom.EARLIEST,
+    "claim_idle": 2.0,
+    "block": 0.5,
+    "member_ttl": 1.5,
+    "shutdown_timeout": 1.0,
+}
 
 
 def _cluster_ports(count: int) -> list[int]:
@@ -354,3 +365,67 @@ async def test_scheduled_messages_on_a_cluster(cluster: RedisCluster, stream: st
         expected = StopReason.TERMINATED if hasattr(cluster, "pubsub") else StopReason.DELETED
         assert await consumer.done() == expected
     assert await cluster.exists(topic.keys.scheduled, topic.keys.scheduled_data) == 0
+
+
+async def test_a_partitioned_topic_spreads_over_every_master_and_keeps_key_order(
+    cluster: RedisCluster,
+) -> None:
+    topic = Topic(cluster, "spread", partitions=6)
+    streams = await topic.partition_streams()
+    masters = collections.Counter(cluster.get_node_from_key(s).name for s in streams)
+    assert sorted(masters.values()) == [2, 2, 2]
+    log: list[tuple[str, int, int]] = []
+    consumers = [StreamConsumer(cluster, "spread", "g", f"c{i}", **PARTS) for i in range(2)]
+    for consumer in consumers:
+
+        @consumer.handler("job")
+        async def job(msg: Message[Any]) -> None:
+            assert msg.key is not None
+            assert msg.partition is not None
+            log.append((msg.key, msg.data["n"], msg.partition))
+            await anyio.sleep(random.random() / 1000)
+
+    async with consumers[0], consumers[1]:
+        await topic.publish_many(
+            [("job", {"n": n}) for n in range(1000)], keys=[f"k{n % 30}" for n in range(1000)]
+        )
+        await until(lambda: len({n for _, n, _ in log}) == 1000, timeout=30)
+        info = await topic.info()
+        assert {row.node for row in info.partitions} == set(masters)
+        assert info.groups[0].consumers == 2
+    firsts: dict[str, list[int]] = collections.defaultdict(list)
+    seen: set[int] = set()
+    for key, n, _ in log:
+        if n not in seen:
+            seen.add(n)
+            firsts[key].append(n)
+    assert all(numbers == sorted(numbers) for numbers in firsts.values())
+    await topic.terminate()
+    for node in cluster.get_primaries():
+        assert not await cluster.keys("*spread*", target_nodes=node)
+
+
+async def test_the_cli_reaches_a_cluster_and_shows_partitions(
+    cluster: RedisCluster, cluster_url: str
+) -> None:
+    from click.testing import CliRunner
+
+    from redcurrent._cli._app import cli
+
+    topic = Topic(cluster, "cli-parts", partitions=3)
+    await topic.publish_many([("job", {"n": n}) for n in range(9)])
+    url = cluster_url.replace("redis://", "redis+cluster://", 1)
+    call = functools.partial(CliRunner().invoke, cli, ["info", "cli-parts", "--json", "--url", url])
+    result = await anyio.to_thread.run_sync(call)
+    assert result.exit_code == 0, (result.output, result.exception)
+    info = json.loads(result.stdout)
+    assert info["length"] == 9
+    assert [row["length"] for row in info["partitions"]] == [3, 3, 3]
+    publish = ["publish", "cli-parts", "job", "{}", "--key", "customer-7", "--url", url]
+    result = await anyio.to_thread.run_sync(functools.partial(CliRunner().invoke, cli, publish))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert result.stdout.startswith(f"{partition_for('customer-7', 3)}:")
+    pending = ["pending", "cli-parts", "g", "--url", url]
+    result = await anyio.to_thread.run_sync(functools.partial(CliRunner().invoke, cli, pending))
+    assert result.exit_code == 1
+    assert "partitioned" in result.output

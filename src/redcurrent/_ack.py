@@ -13,6 +13,7 @@ import anyio
 
 from ._inflight import InFlight
 from ._member import GroupMember
+from ._redis import packed_sender
 
 __all__ = ["Acker"]
 
@@ -20,6 +21,7 @@ __all__ = ["Acker"]
 MAX_IDS_PER_ACK = 2000
 #: How long ids may wait for the reader to send them with its next read, when
 #: it waits for room (seconds); bounded, so that slow handlers' acks still go.
+#: Ids the reader leaves when it wakes go at once.
 DEFERRED = 0.05
 
 
@@ -32,7 +34,17 @@ class Acker:
     room held by entries waiting for their XACK is free only once it is on
     its way."""
 
-    __slots__ = ("_delay", "_ids", "_inflight", "_lock", "_member", "_wake", "acked")
+    __slots__ = (
+        "_delay",
+        "_head",
+        "_ids",
+        "_inflight",
+        "_lock",
+        "_member",
+        "_send",
+        "_wake",
+        "acked",
+    )
 
     def __init__(self, member: GroupMember, inflight: InFlight, delay: float = 0.002) -> None:
         self._member = member
@@ -45,6 +57,11 @@ class Acker:
         # find nothing to send while that one is being cancelled.
         self._lock = anyio.Lock()
         self.acked = 0
+        # XACK of hundreds of ids: packed by hiredis (see packed_sender), with
+        # the names encoded as the client encodes them.
+        encode = member.redis.get_encoder().encode
+        self._head = ("XACK", encode(member.stream), encode(member.group))
+        self._send = packed_sender(member.redis)
 
     def add(self, entry_id: bytes) -> None:
         ids = self._ids
@@ -78,8 +95,14 @@ class Acker:
             await self._wake.wait()
             self._wake = anyio.Event()
             if len(self._ids) < MAX_IDS_PER_ACK:
-                # A reader waiting for room sends the ids ahead of its next read.
-                await anyio.sleep(DEFERRED if self._inflight.reader_waiting else self._delay)
+                if self._inflight.reader_waiting:
+                    # A reader waiting for room sends the ids ahead of its next
+                    # read. Once it is awake, what it left (a read with room
+                    # to spare goes alone) is sent at once, not DEFERRED later.
+                    with anyio.move_on_after(DEFERRED):
+                        await self._inflight.reader_woken().wait()
+                else:
+                    await anyio.sleep(self._delay)
             await self.flush()
 
     async def flush(self) -> None:
@@ -100,5 +123,4 @@ class Acker:
                 self.acked += len(batch)
 
     async def _xack(self, batch: list[bytes]) -> Any:
-        member = self._member
-        return await member.redis.execute_command("XACK", member.stream, member.group, *batch)
+        return await self._send(*self._head, *batch)

@@ -159,6 +159,14 @@ class Claimer:
                 await self._woken.wait()
             self._between = False
 
+    async def claim_all(self) -> int:
+        """XAUTOCLAIM steps from the kept cursor until it wraps: every entry
+        idle past ``claim_idle`` now, in id order; returns entries claimed."""
+        claimed = await self.claim_once()
+        while self.cursor != b"0-0":
+            claimed += await self.claim_once()
+        return claimed
+
     async def claim_once(self) -> int:
         """One XAUTOCLAIM step from the kept cursor; returns entries claimed."""
         inflight = self._inflight

@@ -107,6 +107,16 @@ def _cancelled_from_outside() -> bool:
     return bool(cancelling is not None and cancelling())
 
 
+class Fence:
+    """Until when (monotonic) a partition's lease lets its runtime start
+    messages; moved on by every renewal (see ``_partitioned``)."""
+
+    __slots__ = ("until",)
+
+    def __init__(self) -> None:
+        self.until = math.inf
+
+
 class Dispatcher:
     """The worker pool over one queue of held entries and full batches.
 
@@ -129,6 +139,7 @@ class Dispatcher:
         max_payload_bytes: int | None = None,
         retry: RetryPolicy | None = None,
         partition: int | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.stream = stream
         #: the partition this dispatcher serves of a partitioned topic
@@ -137,9 +148,8 @@ class Dispatcher:
         #: per message key, the turn of the newest message of that key taken
         #: by a worker (see ``_one``).
         self._key_turns: dict[bytes, anyio.Event] = {}
-        #: a partition's runtime starts nothing after this (monotonic) time
-        #: unless the membership heartbeat moves it on (see ``_partitioned``).
-        self.fence_until = math.inf
+        #: a partition's runtime starts nothing past its lease (None: a plain topic).
+        self.fence = fence
         self.router = router
         self.inflight = inflight
         self._ack = ack
@@ -320,7 +330,8 @@ class Dispatcher:
     async def _work_loop(self, slot: Slot) -> None:
         queue, inflight = self.queue, self.inflight
         while True:
-            if self.fence_until < time.monotonic():
+            fence = self.fence
+            if fence is not None and fence.until < time.monotonic():
                 # A partition whose membership could not be renewed: another
                 # member may own it by now. Its runtime is being stopped.
                 await anyio.sleep(0.05)

@@ -26,6 +26,8 @@ __all__ = ["BATCH_WAIT", "Entries", "InFlight", "Item", "Submit"]
 #: How long the reader waits for handlers to free half the budget before it
 #: reads what room there is (seconds).
 BATCH_WAIT = 0.01
+#: A countdown no run of releases reaches: room was signalled, nothing to check.
+_NO_CHECK = 1 << 62
 
 #: raw entry id, fields, delivery count
 Item = tuple[bytes, dict[bytes, bytes], int]
@@ -85,6 +87,7 @@ class InFlight:
         self._space = anyio.Event()
         self._space_waiters = 0
         self._countdown = 0
+        self._reader_woken: anyio.Event | None = None
 
     # -- the lease ------------------------------------------------------------
     def to_refresh(self) -> list[bytes]:
@@ -184,6 +187,16 @@ class InFlight:
         finally:
             self._space_waiters -= 1
             self.reader_waiting = False
+            if reader and self._reader_woken is not None:
+                self._reader_woken.set()
+                self._reader_woken = None
+
+    def reader_woken(self) -> anyio.Event:
+        """Set once the reader, waiting for room now, stops waiting: by then it
+        has taken the acknowledgements it sends ahead of its read, or left them."""
+        if self._reader_woken is None:
+            self._reader_woken = anyio.Event()
+        return self._reader_woken
 
     def waiting_for_space(self) -> int:
         """Reads and claims blocked for room right now (0 once they are woken)."""
@@ -221,6 +234,10 @@ class InFlight:
         room = self.free() + self.unacked
         if room >= half:
             self._space.set()
+            # Woken: until a waiter waits again (which resets the countdown)
+            # releases need not check. A worker that runs many handlers before
+            # the woken reader gets the loop would otherwise check at each one.
+            self._countdown = _NO_CHECK
             return
         self._countdown = half - room
 

@@ -44,8 +44,9 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 # KEYS: a partition's owner hash. ARGV: group, holder ('name#incarnation'),
-# name, lease ms. Fields per group: 'h:<group>' the holder, 'u:<group>' until
-# when (server ms) its lease runs. Takes the partition when it is free,
+# name, lease ms, 'take' or 'renew' (renew only a lease we hold now). Fields
+# per group: 'h:<group>' the holder, 'u:<group>' until when (server ms) its
+# lease runs. Takes the partition when it is free,
 # released, ours, held by an earlier run of our name (a restart), or held by a
 # member that let its lease run out; renews it when it is ours.
 # 1: the partition is ours (until now + lease); 0: someone else holds it.
@@ -55,8 +56,11 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local hf = 'h:' .. ARGV[1]
 local uf = 'u:' .. ARGV[1]
 local cur = redis.call('HGET', KEYS[1], hf)
-local free = (not cur) or cur == ARGV[2] or string.sub(cur, 1, 9) == 'released:'
-if not free then
+local free = cur == ARGV[2]
+if ARGV[5] ~= 'renew' and not free then
+  free = (not cur) or string.sub(cur, 1, 9) == 'released:'
+end
+if ARGV[5] ~= 'renew' and not free then
   local holder = string.match(cur, '^(.*)#[^#]*$') or cur
   free = holder == ARGV[3] or tonumber(redis.call('HGET', KEYS[1], uf) or '0') < now
 end
@@ -145,9 +149,18 @@ class Membership:
         names = [as_str(m) for m in reply]
         return sorted(m[len(prefix) :] for m in names if m.startswith(prefix))
 
-    async def acquire(self, owners_key: str, lease: float) -> bool:
+    async def acquire(self, owners_key: str, lease: float, *, renew_only: bool = False) -> bool:
+        """Take (or renew) a partition; with ``renew_only``, only renew a lease
+        we hold now (a partition we are handing over: never take it back)."""
         reply = await self._acquire(
-            keys=[owners_key], args=[self.group, self.holder, self.name, int(lease * 1000)]
+            keys=[owners_key],
+            args=[
+                self.group,
+                self.holder,
+                self.name,
+                int(lease * 1000),
+                "renew" if renew_only else "take",
+            ],
         )
         return bool(int(reply))
 

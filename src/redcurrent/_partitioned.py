@@ -23,7 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from ._config import ConsumerConfig
 from ._control import ControlListener, announce_members
-from ._dispatch import Counters
+from ._dispatch import Counters, Fence
 from ._faults import Fault, access_denied, classify
 from ._keys import TopicKeys
 from ._log import in_consumer
@@ -99,7 +99,7 @@ class PartitionedRuntime:
         self._ever_owned: set[int] = set()
         self._pool_warned = False
         #: partition -> until when (monotonic) its lease lets it start messages.
-        self._fence_until: dict[int, float] = {}
+        self._fences: dict[int, Fence] = {}
 
     def __str__(self) -> str:
         return self._label
@@ -218,18 +218,23 @@ class PartitionedRuntime:
         self._last_beat = self.member.last_ok = time.monotonic()
         return live
 
-    async def _lease(self, p: int) -> bool:
+    async def _lease(self, p: int, *, renew_only: bool = False) -> bool:
         """Take or renew partition ``p``; True when it is ours for ``member_ttl``
         from when the request was sent (its runtime may start messages for
         two thirds of that)."""
         sent = time.monotonic()
-        taken = await self.membership.acquire(self.part_keys[p].owners, self.settings.member_ttl)
+        taken = await self.membership.acquire(
+            self.part_keys[p].owners, self.settings.member_ttl, renew_only=renew_only
+        )
         if taken:
-            self._fence_until[p] = sent + self.settings.member_ttl * 2 / 3
-            runtime = self.running.get(p)
-            if runtime is not None and runtime.dispatcher is not None:
-                runtime.dispatcher.fence_until = self._fence_until[p]
+            self._fence(p).until = sent + self.settings.member_ttl * 2 / 3
         return taken
+
+    def _fence(self, p: int) -> Fence:
+        fence = self._fences.get(p)
+        if fence is None:
+            fence = self._fences[p] = Fence()
+        return fence
 
     async def _leave(self) -> None:
         """Released partitions and a left map: the others take over at their
@@ -279,9 +284,7 @@ class PartitionedRuntime:
             await anyio.sleep(ttl / 10)
             now = time.monotonic()
             fenced = [
-                p
-                for p in self.running
-                if self._fence_until.get(p, math.inf) < now and not self._hard_stopping(p)
+                p for p in self.running if self._fence(p).until < now and not self._hard_stopping(p)
             ]
             if fenced:
                 logger.warning(
@@ -306,16 +309,22 @@ class PartitionedRuntime:
         for p in sorted(mine | set(self.running)):
             if self._stopping.is_set():
                 return
-            taken = await self._lease(p)
+            # A partition being handed over keeps its lease while its runtime
+            # drains, but is never taken back: its runtime may end (and
+            # release it to its next owner) while we wait for the reply.
+            taken = await self._lease(p, renew_only=p not in mine)
             if p in self.running:
                 if not taken and not self._hard_stopping(p):
                     logger.warning("%s: partition %d was taken over; stopping it", self, p)
                     self._stop_partition(p, hard=True)
                 continue
-            if taken:
-                await self._start_partition(p)
+            if taken and p in mine:
+                self._start_partition(p)
 
-    async def _start_partition(self, p: int) -> None:
+    def _start_partition(self, p: int) -> None:
+        """Started in the background: the membership loop goes on renewing
+        the other partitions' leases meanwhile (a partition's start-up takes a
+        few round trips)."""
         assert self._tg is not None
         settings = msgspec.structs.replace(self.settings, stream=self.layout.streams[p])
         runtime = Runtime(
@@ -327,18 +336,13 @@ class PartitionedRuntime:
             counters=self.counters,
             partition=p,
             topic=self.settings.stream,
+            fence=self._fence(p),
         )
         runtime.started = True
         self.running[p] = runtime
         self._ever_owned.add(p)
-        try:
-            await self._tg.start(self._run_partition, p, runtime)
-        except Exception:
-            self.running.pop(p, None)
-            raise
-        if runtime.dispatcher is not None:
-            runtime.dispatcher.fence_until = self._fence_until.get(p, math.inf)
         logger.info("%s: reading partition %d (%s)", self, p, settings.stream)
+        self._tg.start_soon(self._run_partition, p, runtime)
         self._check_pool()
 
     def _check_pool(self) -> None:
@@ -375,11 +379,9 @@ class PartitionedRuntime:
                 )
                 return
 
-    async def _run_partition(
-        self, p: int, runtime: Runtime, *, task_status: anyio.abc.TaskStatus[None]
-    ) -> None:
+    async def _run_partition(self, p: int, runtime: Runtime) -> None:
         try:
-            await runtime.main(task_status=task_status)
+            await runtime.main(task_status=anyio.TASK_STATUS_IGNORED)
         finally:
             self.running.pop(p, None)
             leaving = p in self._leaving

@@ -8,12 +8,14 @@ terminate). Ids crossing this boundary gain or lose their ``"<p>:"`` prefix.
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 import msgspec
 
 from . import _control
@@ -107,7 +109,7 @@ class Partitioned:
             ((partition, indexes),) = groups.items()
             await send(partition, indexes)
             return ids
-        async with anyio.create_task_group() as tg:
+        async with _fan_out() as tg:
             for partition, indexes in groups.items():
                 tg.start_soon(send, partition, indexes)
         return ids
@@ -130,7 +132,7 @@ class Partitioned:
                 if as_str(k).startswith("h:")
             }
 
-        async with anyio.create_task_group() as tg:
+        async with _fan_out() as tg:
             for partition in range(self.count):
                 tg.start_soon(one, partition)
         rows: list[PartitionInfo] = []
@@ -210,7 +212,7 @@ class Partitioned:
         topic = self.topic
         redis = topic.redis
         await redis.hset(topic.keys.meta, "state", "terminating")
-        async with anyio.create_task_group() as tg:
+        async with _fan_out() as tg:
             for part in self.parts:
                 tg.start_soon(part.terminate)
         await _control.terminate(redis, topic.keys)
@@ -239,7 +241,7 @@ class Partitioned:
         async def one(partition: int) -> None:
             pages[partition] = await self.parts[partition].dead_letters(count, start=inner_start)
 
-        async with anyio.create_task_group() as tg:
+        async with _fan_out() as tg:
             for partition in range(self.count):
                 tg.start_soon(one, partition)
         merged = [
@@ -276,6 +278,23 @@ class Partitioned:
         for partition, entry_ids in self._by_partition(ids).items():
             deleted += await self.parts[partition].delete_dead_letters(entry_ids)
         return deleted
+
+
+@contextlib.asynccontextmanager
+async def _fan_out() -> AsyncIterator[anyio.abc.TaskGroup]:
+    """A task group over partitions that fails with the first error of its
+    tasks, not the ExceptionGroup anyio wraps it in: callers catch
+    ``RedisError`` (and retry) exactly as for a plain topic."""
+    try:
+        async with anyio.create_task_group() as tg:
+            yield tg
+    except Exception as exc:
+        first: BaseException = exc
+        while isinstance(inner := getattr(first, "exceptions", None), tuple) and inner:
+            first = inner[0]
+        if first is exc:
+            raise
+        raise first from exc
 
 
 def _holder(value: str) -> str:

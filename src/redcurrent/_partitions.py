@@ -84,16 +84,20 @@ def _candidate(name: str, partition: int, attempt: int) -> str:
 
 
 def spread_streams(name: str, count: int) -> tuple[str, ...]:
-    """Stream names for ``count`` partitions whose slots lie near evenly
-    spaced targets starting at the name's own slot: partition ``p`` lands
-    within a sixteenth of a share after ``slot(name) + p * 16384 / count``.
-    Naive ``{name:p}`` tags put up to twice the fair share on one shard."""
-    base = key_slot(name.encode())
+    """Stream names for ``count`` partitions, one near the middle of each of
+    ``count`` equal shares of the 16384 slots (within a sixteenth of a share
+    of it), partition 0 in the share holding the name's own slot, so that
+    topics do not all start on one shard. Naive ``{name:p}`` tags put up to
+    twice the fair share on one shard; a target at a share's edge could cross
+    into the next shard's slots, so that a cluster whose shards own equal
+    ranges (as ``redis-cli --cluster create`` makes them) would still serve
+    one partition too many on one master: the middles never do."""
     step = _SLOTS / count
     width = max(1, int(step / 16))
+    first = int(key_slot(name.encode()) // step)
     streams = []
     for partition in range(count):
-        target = (base + round(partition * step)) % _SLOTS
+        target = round((first + partition + 0.5) * step - width / 2) % _SLOTS
         for attempt in itertools.count():
             candidate = _candidate(name, partition, attempt)
             if (key_slot(candidate.encode()) - target) % _SLOTS < width:

@@ -14,7 +14,7 @@ from ._ack import Acker
 from ._claim import recover_own_pending
 from ._inflight import InFlight, Submit
 from ._member import GroupMember
-from ._redis import entries_of, execute_pipeline, raw_reply_client
+from ._redis import entries_of, packed_pipeline, raw_reply_client
 
 __all__ = ["Reader"]
 
@@ -41,9 +41,15 @@ class Reader:
         self._acker = acker
         self._call = member.call
         self._count = count
-        self._args_head = ("XREADGROUP", "GROUP", member.group, member.name, "COUNT")
-        self._args_tail = ("BLOCK", max(1, int(block * 1000)), "STREAMS", member.stream, ">")
-        self._ack_head = ("XACK", member.stream, member.group)
+        # Names encoded as the client encodes them (the packed path sends bytes as they are).
+        encode = member.redis.get_encoder().encode
+        stream, group, name = encode(member.stream), encode(member.group), encode(member.name)
+        self._args_head = ("XREADGROUP", "GROUP", group, name, "COUNT")
+        self._args_tail = ("BLOCK", max(1, int(block * 1000)), "STREAMS", stream, ">")
+        self._ack_head = ("XACK", stream, group)
+        # Acks ahead of a read: hundreds of ids, packed by hiredis (see
+        # packed_pipeline); replies raw, as from ``self._redis``.
+        self._with_acks = packed_pipeline(self._redis)
         #: how many times the read in progress was sent (>1: retried after an error).
         self._attempts = 0
 
@@ -76,7 +82,10 @@ class Reader:
                 # A read failed first: the server may have delivered entries
                 # whose reply never arrived (a closed connection, a failover).
                 # They sit in our pending list; take them now rather than
-                # after claim_idle.
+                # after claim_idle. Acks waiting to be sent go first: their
+                # entries are still listed, and done.
+                if acker is not None:
+                    await acker.flush()
                 await recover_own_pending(member, inflight, submit)
 
     async def _read(self, n: int, ids: list[bytes]) -> Any:
@@ -89,7 +98,7 @@ class Reader:
             return None
         if not ids:
             return await self._redis.execute_command(*self._args_head, n, *self._args_tail)
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.execute_command(*self._ack_head, *ids)
-        pipe.execute_command(*self._args_head, n, *self._args_tail)
-        return (await execute_pipeline(pipe))[1]
+        replies = await self._with_acks(
+            (*self._ack_head, *ids), (*self._args_head, n, *self._args_tail)
+        )
+        return replies[1]

@@ -28,7 +28,7 @@ from ._cleanup import AutoCleaner
 from ._config import ConsumerConfig
 from ._control import ControlListener, announce_hand_back
 from ._dead import DeadLetterWriter
-from ._dispatch import Counters, Dispatcher
+from ._dispatch import Counters, Dispatcher, Fence
 from ._housekeeping import prune_idle_consumers
 from ._inflight import InFlight
 from ._keys import TopicKeys
@@ -71,6 +71,7 @@ class Runtime:
         counters: Counters | None = None,
         partition: int | None = None,
         topic: str | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings
@@ -79,6 +80,7 @@ class Runtime:
         # name and the partition; the counters are the whole consumer's.
         self.counters = counters if counters is not None else Counters()
         self.partition = partition
+        self.fence = fence
         self.topic = topic if topic is not None else settings.stream
         self.keys = TopicKeys(settings.stream)
         self.member = GroupMember(redis, self.keys, settings.group, settings.name)
@@ -177,6 +179,7 @@ class Runtime:
         dispatcher = Dispatcher(
             stream=self.topic,
             partition=self.partition,
+            fence=self.fence,
             router=self.router,
             inflight=inflight,
             ack=acker.add,
@@ -356,8 +359,10 @@ class Runtime:
             await self._guard(recover_own_pending, member, inflight, submit)
             if self.partition is not None:
                 # A partition just taken over: what its last owner handed back
-                # goes before anything newer, for per-key order.
-                await self._guard(claimer.claim_once)
+                # goes before anything newer, for per-key order. All of it:
+                # one step claims only ``count`` entries, and the reader would
+                # start newer entries of the same keys beside the rest.
+                await self._guard(claimer.claim_all)
             async with anyio.create_task_group() as feeders:
                 feeders.start_soon(self._guard, claimer.run)
                 feeders.start_soon(self._guard, reader.run)

@@ -9,7 +9,9 @@ show up as duplicates, never as losses.
 
 Options (JSON object): ``url``, ``stream``, ``root``, ``name``, ``first``,
 ``count``, and optionally ``cluster``, ``chunk`` (default 100), ``pause`` (s),
-``pad`` (bytes of padding per payload), ``socket_timeout`` (s), ``urls``
+``pad`` (bytes of padding per payload), ``partitions`` (create the topic
+with that many partitions), ``keys`` (publish seq ``s`` with the message key
+``f"k{s % keys}"``), ``socket_timeout`` (s), ``urls``
 (follow the master among these, see ``_worker.py``), ``warm`` (idem).
 Prints ``done <retries>`` when every seq is acknowledged.
 """
@@ -33,7 +35,8 @@ async def main(options: dict[str, Any]) -> None:
     log = published_log(Path(options["root"]), options["name"])
     client = client_for(options)
     await warm_pool(client, options)
-    topic = Topic(client, options["stream"])
+    topic = Topic(client, options["stream"], partitions=options.get("partitions"))
+    keys = int(options.get("keys", 0))
     first, count = int(options["first"]), int(options["count"])
     chunk = int(options.get("chunk", 100))
     pause = float(options.get("pause", 0.0))
@@ -44,7 +47,10 @@ async def main(options: dict[str, Any]) -> None:
         items = [(CHAOS_TYPE, {"seq": s, "pad": pad}) for s in seqs]
         while True:
             try:
-                await topic.publish_many(items)
+                if keys:
+                    await topic.publish_many(items, keys=[f"k{s % keys}" for s in seqs])
+                else:
+                    await topic.publish_many(items)
                 break
             except (RedisError, RedcurrentError, OSError):
                 retries += 1

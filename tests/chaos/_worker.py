@@ -8,8 +8,9 @@ Options (JSON object): ``url``, ``stream``, ``group``, ``name``, ``root`` (the
 ledger directory), and optionally ``cluster`` (bool), ``claim_idle`` (s),
 ``block`` (s), ``concurrency``, ``delay`` (s a handler takes), ``batch`` (a
 batch size: use a batch handler), ``socket_timeout`` (s), ``start``,
-``prefetch``, ``timed`` (bool: each ledger line also carries the wall-clock
-times the handler started and finished) and ``urls`` (a list of URLs of a
+``prefetch``, ``member_ttl`` (s, a partitioned topic's membership lease),
+``timed`` (bool: each ledger line also carries the wall-clock times the
+handler started and finished, to the microsecond) and ``urls`` (a list of URLs of a
 master and its replicas: the client connects to whichever of them is master
 now and follows a promotion, as a Sentinel client would; ``url`` is then
 ignored), ``warm`` (on a cluster: open this many connections to every node at
@@ -111,6 +112,8 @@ async def main(options: dict[str, Any]) -> None:
     extra: dict[str, Any] = {}
     if options.get("prefetch") is not None:
         extra["prefetch"] = int(options["prefetch"])
+    if options.get("member_ttl") is not None:
+        extra["member_ttl"] = float(options["member_ttl"])
     consumer = StreamConsumer(
         client,
         options["stream"],
@@ -133,7 +136,7 @@ async def main(options: dict[str, Any]) -> None:
             began = time.time()
             if delay:
                 await anyio.sleep(delay)
-            times = (f"{began:.3f}", f"{time.time():.3f}") if timed else ()
+            times = (f"{began:.6f}", f"{time.time():.6f}") if timed else ()
             log.add_many((m.data["seq"], m.id, m.delivery_count, *times) for m in messages)
 
     else:
@@ -143,7 +146,7 @@ async def main(options: dict[str, Any]) -> None:
             began = time.time()
             if delay:
                 await anyio.sleep(delay)
-            times = (f"{began:.3f}", f"{time.time():.3f}") if timed else ()
+            times = (f"{began:.6f}", f"{time.time():.6f}") if timed else ()
             log.add(msg.data["seq"], msg.id, msg.delivery_count, *times)
 
     async with consumer:

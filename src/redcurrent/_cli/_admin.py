@@ -65,7 +65,7 @@ def terminate(stream: str, yes: bool, url: str, as_json: bool) -> None:
 
     async def look(client: aredis.Redis) -> TopicInfo:
         topic = Topic(client, stream)
-        await require_topic(client, topic)
+        await require_topic(client, topic, partitioned=True)
         return await topic.info()
 
     state = run(url, look)
@@ -146,7 +146,7 @@ def cleanup(
 
     async def body(client: aredis.Redis) -> tuple[int, TopicInfo, TopicInfo]:
         topic = Topic(client, stream)
-        await require_topic(client, topic)
+        await require_topic(client, topic, partitioned=True)
         before = await topic.info()
         if bar and before.length > PROGRESS_STEPS * batch_size:
             with _progress() as progress:

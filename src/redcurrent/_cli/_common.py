@@ -13,13 +13,14 @@ import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import click
 import redis.asyncio as aredis
 from redis import exceptions as rex
+from redis.asyncio.cluster import RedisCluster
 from rich.console import Console
 
 from .._faults import error_code
@@ -45,6 +46,7 @@ __all__ = [
     "require_topic",
     "run",
     "url_option",
+    "client_from_url",
 ]
 
 T = TypeVar("T")
@@ -77,7 +79,8 @@ def url_option(func: F) -> F:
         default=DEFAULT_URL,
         show_default=True,
         show_envvar=True,
-        help="Redis URL (redis://[user:password@]host:port/db, rediss:// for TLS); "
+        help="Redis URL (redis://[user:password@]host:port/db, rediss:// for TLS, "
+        "redis+cluster://host:port for any node of a Redis Cluster); "
         "else $REDCURRENT_URL, then $REDIS_URL.",
     )(func)
 
@@ -150,7 +153,7 @@ async def open_client(url: str) -> AsyncIterator[aredis.Redis]:
     """A client on ``url`` for one command, closed when it ends (also when it
     is cancelled). Errors are left to :func:`run`'s mapper."""
     try:
-        client = aredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT)
+        client = client_from_url(url, socket_connect_timeout=CONNECT_TIMEOUT)
     except ValueError as exc:  # not a redis://, rediss:// or unix:// URL
         raise BadInput(f"invalid --url {redacted(url)!r}: {exc}") from None
     try:
@@ -158,6 +161,17 @@ async def open_client(url: str) -> AsyncIterator[aredis.Redis]:
     finally:
         with anyio.CancelScope(shield=True):
             await client.aclose()
+
+
+def client_from_url(url: str, **options: Any) -> aredis.Redis:
+    """A client for ``url``; ``redis+cluster://`` (or ``rediss+cluster://``) names
+    any node of a Redis Cluster and gives a cluster client."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.endswith("+cluster"):
+        cluster = RedisCluster.from_url(f"{scheme.removesuffix('+cluster')}://{rest}", **options)
+        # The commands use only what both clients offer, routed by key.
+        return cast(aredis.Redis, cluster)
+    return aredis.Redis.from_url(url, **options)
 
 
 def explain(exc: BaseException, url: str) -> click.ClickException | None:
@@ -196,12 +210,25 @@ def explain(exc: BaseException, url: str) -> click.ClickException | None:
     return None
 
 
-async def require_topic(client: aredis.Redis, topic: Topic, *, stream: bool = False) -> bool:
+async def require_topic(
+    client: aredis.Redis, topic: Topic, *, stream: bool = False, partitioned: bool = False
+) -> bool:
     """Fail unless the topic exists: its stream, or (unless ``stream``) one of its
     dead letters, stopped ids or scheduled messages, which outlive or precede
-    the stream. Returns whether the stream itself exists."""
+    the stream. Returns whether the stream itself exists. A partitioned topic
+    passes only for commands that work on one through :class:`Topic`
+    (``partitioned``); the others are told to name one of its partitions."""
     kind = as_str(await client.type(topic.name))
     if kind == "stream":
+        return True
+    if kind == "none" and await client.exists(topic.keys.meta):
+        # A partitioned topic: its partitions are the streams.
+        if not partitioned:
+            streams = await topic.partition_streams()
+            raise CliError(
+                f"topic {topic.name!r} is partitioned: name one of its partition streams "
+                f"({', '.join(streams)})"
+            )
         return True
     if kind != "none":
         raise CliError(f"key {topic.name!r} holds a {kind}, not a stream")

@@ -109,7 +109,7 @@ async def _select(
 ) -> list[DeadLetter]:
     """The dead letters ``ids`` names (each must exist), or every one, narrowed by
     ``filters``, oldest first."""
-    await require_topic(client, topic)
+    await require_topic(client, topic, partitioned=True)
     seconds, micros = await client.time()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     limit = filters.count

@@ -50,7 +50,7 @@ def info(stream: str, url: str, as_json: bool) -> None:
 
     async def body(client: aredis.Redis) -> tuple[TopicInfo, list[dict[str, Any]]]:
         topic = Topic(client, stream)
-        await require_topic(client, topic)
+        await require_topic(client, topic, partitioned=True)
         state = await topic.info()
         consumers: list[dict[str, Any]] = []
         for group in state.groups:

@@ -56,6 +56,10 @@ def _json_value(text: str, what: str) -> Any:
     type=click.FloatRange(min=0),
     help="Seconds (on the Redis server's clock) before the message enters the stream.",
 )
+@click.option(
+    "--key",
+    help="The message key: per-key order, and the partition of a partitioned topic.",
+)
 @url_option
 @json_option
 def publish(
@@ -64,6 +68,7 @@ def publish(
     payload: str,
     metadata: str | None,
     delay: float | None,
+    key: str | None,
     url: str,
     as_json: bool,
 ) -> None:
@@ -79,7 +84,7 @@ def publish(
             raise BadInput(f"--metadata must be a JSON object of strings, got {metadata}")
 
     async def body(client: aredis.Redis) -> str:
-        return await Topic(client, stream).publish(message_type, data, meta, delay=delay)
+        return await Topic(client, stream).publish(message_type, data, meta, delay=delay, key=key)
 
     entry_id = run(url, body)
     if as_json:

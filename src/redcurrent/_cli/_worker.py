@@ -26,7 +26,7 @@ from .._consumer import StreamConsumer, default_consumer_name
 from .._router import Router
 from .._serve import serve
 from ..errors import ConfigurationError
-from ._common import url_option
+from ._common import client_from_url, url_option
 
 __all__ = ["worker"]
 
@@ -119,7 +119,7 @@ async def _serve_target(
     if isinstance(obj, Router):
         if not stream or not group:
             raise click.UsageError(f"{target} is a Router: --stream and --group are required")
-        async with aredis.Redis.from_url(url) as client:
+        async with client_from_url(url) as client:
             consumer = _build(client, obj, stream, group, name, options)
             return await serve(consumer, stable_names=stable_names)
     if isinstance(obj, StreamConsumer):
