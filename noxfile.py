@@ -10,6 +10,7 @@
     nox -s chaos                 # the fault suite on Redis 7.0 and 8.2 (-- --chaos-scale=short: CI)
     nox -s demo                  # examples/demo.py
     nox -s bench -- --quick      # benchmarks/run.py
+    nox -s bench-cluster         # benchmarks/cluster.py: 1 vs 3 CPU-capped shards (not CI)
     nox -s docs                  # the documentation site into build/site (mkdocs build --strict)
     nox -s mutation -- --list    # on demand: mutation check of the critical modules
 
@@ -260,6 +261,18 @@ def bench(session: nox.Session) -> None:
     """Run benchmarks/run.py (e.g. ``nox -s bench -- --quick``)."""
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session(name="bench-cluster", python=None)
+def bench_cluster(session: nox.Session) -> None:
+    """Run benchmarks/cluster.py (e.g. ``nox -s bench-cluster -- --quick``).
+
+    One topic's partitions over one shard, then three, each redis-server capped to a
+    fraction of a core in a cgroup of its own; skips (exit 0) where no cpu cgroup is
+    writable. Not in CI: even ``--quick`` takes over a minute.
+    """
+    session.install("-e", ".")
+    session.run("python", "benchmarks/cluster.py", *session.posargs)
 
 
 @nox.session(python=None)
