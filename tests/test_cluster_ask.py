@@ -111,7 +111,16 @@ async def _ping_many(cluster: RedisCluster, node: ClusterNode, count: int) -> No
     results: list[Any] = []
 
     async def one() -> None:
-        results.append(await cluster.execute_command("PING", target_nodes=node))
+        for attempt in range(5):
+            try:
+                results.append(await cluster.execute_command("PING", target_nodes=node))
+                return
+            except rex.ConnectionError:
+                # redis-py closes every connection of the client on some
+                # redirects, which a consumer on the same client may be
+                # following right now: try again on a fresh one.
+                if attempt == 4:
+                    raise
 
     async with anyio.create_task_group() as tg:
         for _ in range(count):
