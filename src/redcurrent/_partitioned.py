@@ -189,7 +189,7 @@ class PartitionedRuntime:
                     self.layout.count,
                     len(live),
                 )
-                await self._rebalance(live)
+                await self._rebalance_or_retry(live)
                 tg.start_soon(self._membership_loop)
                 tg.start_soon(self._fence_watch)
                 await self._stopping.wait()
@@ -261,9 +261,14 @@ class PartitionedRuntime:
                 await self.membership.release(self.part_keys[p].owners)
             await self.membership.beat(self.settings.member_ttl, leave=True)
             await self._announce()
-        except Exception as exc:  # the server is gone: our entry expires by itself
-            if classify(exc) is not Fault.TRANSIENT:
-                raise
+        except Exception as exc:  # our entry and leases expire by themselves
+            logger.warning(
+                "%s: could not leave the partition map (%s: %s); the others take over "
+                "once its entries expire (member_ttl)",
+                self,
+                type(exc).__name__,
+                exc,
+            )
 
     async def _membership_loop(self) -> None:
         interval = self.settings.member_ttl / 3
@@ -285,12 +290,17 @@ class PartitionedRuntime:
                 continue
             if self._outage.ongoing:
                 self._outage.recovered()
-            try:
-                await self._rebalance(live)
-            except Exception as exc:
-                if classify(exc) is not Fault.TRANSIENT:
-                    raise
-                self._outage.failed(exc, "taking partitions")
+            await self._rebalance_or_retry(live)
+
+    async def _rebalance_or_retry(self, live: list[str]) -> None:
+        """A transient fault taking or renewing partitions waits for the next
+        tick (a lease not renewed meanwhile fences its partition)."""
+        try:
+            await self._rebalance(live)
+        except Exception as exc:
+            if classify(exc) is not Fault.TRANSIENT:
+                raise
+            self._outage.failed(exc, "taking partitions")
 
     async def _fence_watch(self) -> None:
         """Stop reading a partition once its lease went unrenewed for two
