@@ -211,9 +211,10 @@ class Topic:
     ) -> str:
         """Append one message; returns its entry id.
 
-        ``key`` (a non-empty str) is the message key: consumers handle the
-        messages of one key one at a time, in the order published, and on a
-        partitioned topic it picks the partition (CRC-32 of the key modulo
+        ``key`` (a non-empty str) is the message key: a consumer handles the
+        messages of one key one at a time, in the order published (on a plain
+        topic, competing consumers each keep that only for what they read),
+        and on a partitioned topic it picks the partition (CRC-32 of the key modulo
         the count; keyless messages go round-robin). There the id is
         ``"<partition>:<entry id>"``. A key given with ``delay``, ``at`` or
         ``idempotency_key`` only picks the partition: such entries do not
