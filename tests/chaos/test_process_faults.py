@@ -253,8 +253,11 @@ async def test_consumer_kills(
             workers[slot].wait()
             last_fault = time.monotonic()
             held = await held_by(client, victim)
-            assert held, f"{victim} held nothing when it was killed"
-            held_at_death.append(set(held))
+            if held:
+                held_at_death.append(set(held))
+            # else: it acknowledged what it held between the look and the
+            # SIGKILL (acks go out within milliseconds): a kill that tests no
+            # recovery path, counted below.
             # Alternately a new name (the others must claim what the dead one
             # held, after claim_idle) and the old one (it finishes its own
             # entries first). The last kill takes the slower path, claims.
@@ -294,6 +297,7 @@ async def test_consumer_kills(
         # pending entries on a restart under its name, claims by the others
         # after a restart under a new one) and was handled again.
         assert all(redelivered), faults
+        assert len(held_at_death) >= kills - 2, f"most kills must find messages held: {faults}"
     finally:
         fleet.reap()
         await client.aclose()
