@@ -359,16 +359,21 @@ class Topic:
         """
         memo = self._layout
         if keys is not None or memo is None or memo[1] is not None or memo[0] <= time.monotonic():
-            listed = items if isinstance(items, list | tuple) else list(_iterate(items))
-            checked = check_keys(keys, listed)
+            checked = None
+            if keys is not None:  # checked before anything is sent or read
+                items = items if isinstance(items, list | tuple) else list(_iterate(items))
+                checked = check_keys(keys, items)
             parted = await self._partitioned()
             if parted is not None:
+                # Routed by partition: the whole list at once. A plain topic
+                # streams a lazy iterable chunk by chunk instead.
+                listed = items if isinstance(items, list | tuple) else list(_iterate(items))
                 if PUBLISH_OBSERVERS:
                     return await self._observed_publish_many(
                         listed, maxlen, delay, at, checked, parted
                     )
                 return await parted.publish_many(listed, checked, maxlen, delay, at)
-            items, keys = listed, checked
+            keys = checked
         if PUBLISH_OBSERVERS:
             return await self._observed_publish_many(items, maxlen, delay, at, keys)
         return await self._publish_many(items, maxlen, delay, at, keys)
@@ -732,6 +737,13 @@ class _ChunkSender:
             await stream.close()
 
     async def _ids(self, replies: list[Any]) -> list[str]:
+        stream = self._stream
+        if stream is not None and any(isinstance(r, NoScriptError) for r in replies):
+            # Every chunk still on its way met the flushed cache too: take all
+            # their replies before the first resend loads the script, so that
+            # none of them runs after it, out of order.
+            with self._topic._denials("publish_many"):
+                replies = replies + await stream.drain()
         ids: list[str] = []
         for reply in replies:
             args = self._flight.popleft()
