@@ -106,6 +106,9 @@ async def test_hostile_payloads_are_data_or_dead_letters(
             await redis_client.xadd(STREAM, fields)
         await seen.wait_for(4, timeout=10)
         await orders.wait_for(1, timeout=10)
+        # Nothing pending is also true of an entry not read yet: wait for the
+        # dead letters themselves too.
+        await wait_until(lambda: consumer.stats.dead_lettered == len(dead), timeout=10)
         await wait_until(nothing_pending(redis_client, STREAM, GROUP), timeout=10)
     topic = Topic(redis_client, STREAM)
     handled = sorted(seen.messages, key=lambda m: _order(m.id))
