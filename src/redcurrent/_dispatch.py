@@ -371,60 +371,45 @@ class Dispatcher:
             if grave is not None:
                 await self._bury(item, *grave)
             return
+        # A keyed message waits for the one of its key taken before it: the
+        # messages of one key run one at a time, in the order the workers took
+        # them off the queue (the stream's order), other keys in parallel. The
+        # turn is taken with no await since leaving the queue, so turns follow
+        # queue order.
         key = item[1].get(FIELD_KEY)
+        turn: tuple[bytes, anyio.Event] | None = None
+        before: anyio.Event | None = None
         if key is not None:
-            await self._one_in_turn(key, item, msg, route, slot)
-            return
-        slot.in_handler = True
-        try:
-            await route.fn(msg)
-        except BaseException as exc:
-            slot.in_handler = False
-            if not _handler_failed(exc):
-                raise  # a stop, a shutdown or the host: the message stays pending
-            await self._failed(item, exc, route)
-        else:
-            slot.in_handler = False
-            self.counters.handled += 1
-            self._settle(item[0])
-
-    async def _one_in_turn(
-        self, key: bytes, item: Item, msg: Message[Any], route: Route, slot: Slot
-    ) -> None:
-        """A keyed message waits for the one of its key taken before it: the
-        messages of one key run one at a time, in the order the workers took
-        them off the queue (the stream's order), other keys in parallel.
-        Taking a turn is synchronous with taking the item off the queue (no
-        await in between), so turns follow queue order."""
-        turns = self._key_turns
-        before = turns.get(key)
-        mine = turns[key] = anyio.Event()
+            before = self._key_turns.get(key)
+            turn = key, anyio.Event()
+            self._key_turns[key] = turn[1]
         try:
             if before is not None:
                 await before.wait()
                 # It may have been lost or stopped while it waited.
-                again, route_, grave = self._screen(item, route)
-                if again is None or route_ is None:
+                msg, route, grave = self._screen(item, route)
+                if msg is None or route is None:
                     if grave is not None:
                         await self._bury(item, *grave)
                     return
-                msg = again
             slot.in_handler = True
             try:
                 await route.fn(msg)
             except BaseException as exc:
                 slot.in_handler = False
                 if not _handler_failed(exc):
-                    raise
+                    raise  # a stop, a shutdown or the host: the message stays pending
                 await self._failed(item, exc, route)
             else:
                 slot.in_handler = False
                 self.counters.handled += 1
                 self._settle(item[0])
         finally:
-            mine.set()
-            if turns.get(key) is mine:
-                del turns[key]
+            if turn is not None:
+                key, mine = turn
+                mine.set()
+                if self._key_turns.get(key) is mine:
+                    del self._key_turns[key]
 
     def _screen(
         self, item: Item, route: Route | None

@@ -21,6 +21,7 @@ import msgspec
 from . import _control
 from ._config import CleanupPolicy
 from ._info import id_key
+from ._keys import check_name
 from ._partitions import Layout, forget, join_id, partition_for, split_id
 from ._redis import AnyRedis, as_str
 from .errors import ConfigurationError
@@ -332,19 +333,7 @@ def check_keys(keys: object, items: Sequence[Any]) -> list[str | None] | None:
         raise ConfigurationError(
             f"publish_many got {len(checked)} keys for {len(items)} items: give one per item"
         )
-    for index, key in enumerate(checked):
-        if key is not None:
-            check_message_key(key, f"publish_many keys[{index}]")
-    return checked
-
-
-def check_message_key(key: object, what: str = "key") -> str:
-    if not isinstance(key, str) or not key:
-        raise ConfigurationError(f"{what} must be a non-empty str or None, got {key!r}")
-    try:
-        key.encode()
-    except UnicodeEncodeError as exc:
-        raise ConfigurationError(
-            f"{what} {key!r} cannot be encoded as UTF-8: {exc.reason}"
-        ) from None
-    return key
+    return [
+        None if key is None else check_name(key, f"publish_many keys[{index}]")
+        for index, key in enumerate(checked)
+    ]

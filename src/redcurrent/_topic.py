@@ -23,7 +23,7 @@ from ._instrument import PUBLISH_OBSERVERS, PublishObservation
 from ._keys import TopicKeys, check_name
 from ._limits import DEFAULT_MAX_PAYLOAD_BYTES, FIELD_NAME_BYTES, check_limit
 from ._message import DeadLetter, TopicInfo
-from ._partitioned_topic import Partitioned, check_keys, check_message_key
+from ._partitioned_topic import Partitioned, check_keys
 from ._partitions import LAYOUT_CACHE_SECONDS, check_partitions, load_layout
 from ._redis import AnyRedis, PackedStream, as_str, check_client
 from ._scripts import PUBLISH_MANY, PUBLISH_MANY_KEYED
@@ -100,6 +100,7 @@ class Topic:
         self.keys: TopicKeys = TopicKeys(name)
         self.max_payload_bytes: int | None = check_limit(max_payload_bytes)
         self._publish_script: AsyncScript | None = None
+        self._keyed_script: AsyncScript | None = None
         window_ms = check_window(idempotency_window)
         self.idempotency_window: float = idempotency_window
         self._idempotent = IdempotentSender(self._redis, self.keys, window_ms)
@@ -114,6 +115,12 @@ class Topic:
         )
         part._layout = (float("inf"), None)
         return part
+
+    def _known_plain(self) -> bool:
+        """A plain topic, as read within the last few seconds: the hot path of
+        publishing needs no await to know it."""
+        memo = self._layout
+        return memo is not None and memo[1] is None and memo[0] > time.monotonic()
 
     async def _partitioned(self) -> Partitioned | None:
         """The partitions, or None for a plain topic (read from Redis at most
@@ -277,12 +284,8 @@ class Topic:
         key: str | None,
     ) -> str:
         if key is not None:
-            check_message_key(key)
-        memo = self._layout
-        if memo is not None and memo[1] is None and memo[0] > time.monotonic():
-            parted = None  # the hot path of a plain topic: no await
-        else:
-            parted = await self._partitioned()
+            key = check_name(key, "key")
+        parted = None if self._known_plain() else await self._partitioned()
         if parted is not None:
             return await parted.publish(
                 message_type, data, metadata, key, maxlen, idempotency_key, delay, at
@@ -357,8 +360,7 @@ class Topic:
         messages enter the stream in this order. Items then carry no
         idempotency key.
         """
-        memo = self._layout
-        if keys is not None or memo is None or memo[1] is not None or memo[0] <= time.monotonic():
+        if keys is not None or not self._known_plain():
             checked = None
             if keys is not None:  # checked before anything is sent or read
                 items = items if isinstance(items, list | tuple) else list(_iterate(items))
@@ -489,7 +491,9 @@ class Topic:
     async def _send_keyed(self, args: list[Any]) -> list[str]:
         if len(args) <= 1:
             return []
-        script = self._redis.register_script(PUBLISH_MANY_KEYED)
+        script = self._keyed_script
+        if script is None:
+            script = self._keyed_script = self._redis.register_script(PUBLISH_MANY_KEYED)
         with self._denials("publish_many"):
             reply: list[bytes | str] = await _cluster_ask.run_script(
                 self._redis, script, [self.name], args
